@@ -1,0 +1,299 @@
+"""The ``manymodels`` command line: thin typer commands over the Python API.
+
+Each command parses its flags, calls the library and prints either a short human summary or, with
+``--json``, exactly one JSON object on stdout. Bad usage, spec or input exits 2 with a one-line
+error on stderr; a run with too many failed partitions exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from manymodels.data import InputError
+from manymodels.registry import Registry, RegistryError
+from manymodels.spec import SpecError, load_spec
+from manymodels.storage import StorageError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train and batch-score one LightGBM model per partition, fanned out with Ray.")
+runs_app = typer.Typer(no_args_is_help=True, help="Past train and score runs.")
+models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
+app.add_typer(runs_app, name="runs")
+app.add_typer(models_app, name="models")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+JobOpt = Annotated[Path | None, typer.Option("--job", help="Job spec TOML file.", dir_okay=False)]
+DataOpt = Annotated[str | None, typer.Option("--data", help="Input data URL (overrides data.source).")]
+RegistryOpt = Annotated[str | None, typer.Option("--registry", help="Registry URL (overrides output.registry).")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="Ray to join: auto, HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS, else "
+                      "a new embedded local Ray).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+JobRefOpt = Annotated[str | None, typer.Option("--job", help="Job spec file or job name.")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn the library's input errors into one line on stderr and exit code 2."""
+    from manymodels.engine import EngineError
+
+    try:
+        yield
+    except (SpecError, InputError, StorageError, RegistryError, EngineError) as exc:
+        raise _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _split_cols(value: str | None) -> list[str] | None:
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
+
+
+def _registry_for(job: str | None, registry: str | None) -> tuple[Registry, str | None]:
+    """The registry (and job name) named by ``--job`` (a spec file or a name) and ``--registry``."""
+    name = job
+    url = registry
+    if job and (job.endswith(".toml") or Path(job).is_file()):
+        spec = load_spec(job)
+        name = spec.name
+        url = url or spec.output.registry
+    return Registry(url or "registry"), name
+
+
+@app.command()
+def train(
+    job: JobOpt = None,
+    data: DataOpt = None,
+    partition_by: Annotated[str | None, typer.Option(
+        "--partition-by", help="Partition key column(s), comma-separated.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Target column.")] = None,
+    registry: RegistryOpt = None,
+    address: AddressOpt = None,
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", help="Train only partitions with COL=VALUE (repeatable).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Train at most N partitions.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain unchanged partitions too.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train one model per partition and register the new versions."""
+    from manymodels.train import train as run_train
+
+    with _errors():
+        summary = run_train(job, data=data, partition_by=_split_cols(partition_by), target=target,
+                            registry=registry, address=address, only=only, limit=limit, force=force)
+    if as_json:
+        _print_json(summary.to_dict())
+    else:
+        s = summary
+        out.print(f"[bold]{s.job}[/] run {s.run_id}: {s.status} in {s.wall_s:.1f}s — "
+                  f"{s.total} partitions: {s.trained} trained ({s.promoted} promoted), "
+                  f"{s.skipped} skipped, {s.failed} failed", highlight=False)
+        for f in s.failures[:10]:
+            out.print(f"  failed {json.dumps(f['partition'])}: {f['reason']}", highlight=False)
+        if len(s.failures) > 10:
+            out.print(f"  … and {len(s.failures) - 10} more (manymodels runs show {s.run_id})")
+        out.print(f"registry: {s.registry}   cost: ${s.cost.total_usd:.4f}", highlight=False)
+    raise typer.Exit(summary.exit_code)
+
+
+def _runs_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("run_id", "job", "kind", "status", "started_at", "partitions / rows", "failed",
+                  "wall_s", "total_usd")
+    for r in rows:
+        parts = r.get("partitions") or {}
+        rws = r.get("rows") or {}
+        size = parts.get("total", rws.get("input", "")) if isinstance(parts, dict) else ""
+        failed = parts.get("failed", rws.get("unscored", "")) if isinstance(parts, dict) else ""
+        table.add_row(r.get("run_id", ""), r.get("job", ""), r.get("kind", ""), r.get("status", ""),
+                      str(r.get("started_at", ""))[:19], str(size), str(failed),
+                      str(r.get("wall_s", "")), f"{(r.get('cost') or {}).get('total_usd', 0):.4f}")
+    return table
+
+
+@runs_app.command("list")
+def runs_list(job: JobRefOpt = None, registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """List past runs, newest first."""
+    with _errors():
+        reg, name = _registry_for(job, registry)
+        rows = reg.runs(name)
+    if as_json:
+        _print_json([{k: v for k, v in r.items() if k not in ("spec", "environment")} for r in rows])
+    elif not rows:
+        out.print(f"no runs in {reg.url}")
+    else:
+        out.print(_runs_table(rows))
+
+
+@runs_app.command("show")
+def runs_show(run_id: Annotated[str, typer.Argument(help="The run id.")], registry: RegistryOpt = None,
+              as_json: JsonOpt = False) -> None:
+    """Show one run: counts, failures with reasons, cost and its most expensive partitions."""
+    with _errors():
+        reg = Registry(registry or "registry")
+        record, parts = reg.run(run_id)
+    part_rows: list[dict[str, Any]] = []
+    if parts is not None:
+        for r in parts.to_dict("records"):
+            r["partition"] = json.loads(r["partition"])
+            part_rows.append({k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()})
+    if as_json:
+        # The contract's "partitions" here is the per-partition list; a train summary's counts object
+        # of the same name moves to "partition_counts".
+        counts = record.get("partitions")
+        _print_json({**record, "partition_counts": counts, "partitions": part_rows})
+        return
+    out.print(_runs_table([record]))
+    cost = record.get("cost") or {}
+    if cost:
+        out.print(f"cost: total ${cost.get('total_usd', 0):.6f} = attributed ${cost.get('attributed_usd', 0):.6f}"
+                  f" + overhead ${cost.get('overhead_usd', 0):.6f}; cpu_seconds {cost.get('cpu_seconds', 0):.1f},"
+                  f" gpu_seconds {cost.get('gpu_seconds', 0):.1f}, utilisation "
+                  f"{cost.get('utilisation', 0):.0%}", highlight=False)
+    failures = record.get("failures") or record.get("unscored") or []
+    for f in failures[:20]:
+        out.print(f"  {json.dumps(f.get('partition'))}: {f.get('reason')}", highlight=False)
+    if part_rows and "cost_usd" in part_rows[0]:
+        top = sorted(part_rows, key=lambda r: r.get("cost_usd") or 0.0, reverse=True)[:10]
+        table = Table("partition", "status", "rows", "wall_s", "cpu_seconds", "gpu_seconds", "cost_usd",
+                      title="most expensive partitions")
+        for r in top:
+            table.add_row(json.dumps(r["partition"]), r["status"], str(r["rows"]), f"{r['wall_s']:.3f}",
+                          f"{r['cpu_seconds']:.3f}", f"{r['gpu_seconds']:.3f}", f"{r['cost_usd']:.8f}")
+        out.print(table)
+
+
+def _parse_partition(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    parsed: dict[str, str] = {}
+    for item in items:
+        col, sep, value = item.partition("=")
+        if not sep:
+            raise _fail(f"--partition {item!r} must be COL=VALUE")
+        parsed[col] = value
+    return parsed
+
+
+PartitionOpt = Annotated[list[str] | None, typer.Option(
+    "--partition", help="COL=VALUE of the partition (repeat for several key columns).")]
+
+
+@models_app.command("list")
+def models_list(job: JobRefOpt = None, registry: RegistryOpt = None, partition: PartitionOpt = None,
+                all_versions: Annotated[bool, typer.Option("--all", help="Every version, not only "
+                                                           "champions.")] = False,
+                as_json: JsonOpt = False) -> None:
+    """List each partition's champion (or every version with --all)."""
+    with _errors():
+        reg, name = _registry_for(job, registry)
+        jobs = [name] if name else reg.jobs()
+        models = [m for j in jobs for m in reg.list(j, partition=_parse_partition(partition),
+                                                    all_versions=all_versions)]
+    if as_json:
+        _print_json([m.to_dict() for m in models])
+        return
+    table = Table("job", "partition", "version", "status", "metric", "rows", "run_id", "trained_at")
+    for m in models[:200]:
+        value = "" if m.metric_value is None else f"{m.metric}={m.metric_value:.4g}"
+        table.add_row(m.job, json.dumps(m.partition), str(m.version), m.status, value, str(m.rows),
+                      m.run_id, m.trained_at[:19])
+    out.print(table)
+    if len(models) > 200:
+        out.print(f"… {len(models) - 200} more (use --json or --partition)")
+
+
+def _one_job(reg: Registry, name: str | None) -> str:
+    if name:
+        return name
+    jobs = reg.jobs()
+    if len(jobs) != 1:
+        raise RegistryError(f"the registry holds {len(jobs)} jobs: pass --job")
+    return jobs[0]
+
+
+@models_app.command("show")
+def models_show(partition: PartitionOpt = None, job: JobRefOpt = None, registry: RegistryOpt = None,
+                version: Annotated[int | None, typer.Option("--version", help="A version (default: "
+                                                            "the champion).")] = None,
+                as_json: JsonOpt = False) -> None:
+    """Show one partition's champion (or a version): metrics, lineage and its model_uri."""
+    with _errors():
+        reg, name = _registry_for(job, registry)
+        parts = _parse_partition(partition)
+        if not parts:
+            raise _fail("models show needs --partition COL=VALUE")
+        mv = reg.get(_one_job(reg, name), parts, version)
+    if as_json:
+        _print_json(mv.to_dict())
+        return
+    for k, v in mv.to_dict().items():
+        out.print(f"[bold]{k}[/]: {json.dumps(v) if isinstance(v, dict | list) else v}", highlight=False)
+
+
+@models_app.command("promote")
+def models_promote(version: Annotated[int, typer.Option("--version", help="The version to make champion.")],
+                   partition: PartitionOpt = None, job: JobRefOpt = None, registry: RegistryOpt = None,
+                   as_json: JsonOpt = False) -> None:
+    """Make a version the partition's champion (the current champion is archived)."""
+    _change(lambda reg, name, parts: reg.promote(name, parts, version), partition, job, registry, as_json)
+
+
+@models_app.command("rollback")
+def models_rollback(partition: PartitionOpt = None, job: JobRefOpt = None, registry: RegistryOpt = None,
+                    as_json: JsonOpt = False) -> None:
+    """Restore the partition's previous good version as champion."""
+    _change(lambda reg, name, parts: reg.rollback(name, parts), partition, job, registry, as_json)
+
+
+def _change(action: Callable[[Registry, str, dict[str, str]], Any], partition: list[str] | None,
+            job: str | None, registry: str | None, as_json: bool) -> None:
+    with _errors():
+        reg, name = _registry_for(job, registry)
+        parts = _parse_partition(partition)
+        if not parts:
+            raise _fail("needs --partition COL=VALUE")
+        mv = action(reg, _one_job(reg, name), parts)
+    if as_json:
+        _print_json(mv.to_dict())
+    else:
+        out.print(f"{json.dumps(mv.partition)}: champion is now version {mv.version}", highlight=False)
+
+
+@app.command()
+def demo(
+    stations: Annotated[int, typer.Option(help="How many stations (partitions) to generate.")] = 500,
+    days: Annotated[int, typer.Option(help="Days of hourly history per station.")] = 28,
+    address: AddressOpt = None,
+) -> None:
+    """Write sample transit data under partitions/, train it locally, and say where the outputs are."""
+    from manymodels.demo import run_demo
+
+    with _errors():
+        code = run_demo(stations=stations, days=days, address=address, console=out)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

@@ -1,0 +1,189 @@
+"""The Ray fan-out: the only module that imports ``ray``.
+
+An :class:`Engine` connects to Ray (a new embedded local instance by default, never a stray one; or
+a cluster by address), runs one plain Python function over many chunk payloads as Ray tasks with
+the job's resources, and yields each chunk's result as soon as its task finishes, so the driver
+never holds more than the results still to fold. :func:`pack_chunks` (pure) decides which
+partitions share a task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+__all__ = ["Engine", "EngineError", "TaskResources", "pack_chunks"]
+
+
+class EngineError(RuntimeError):
+    """Ray cannot be started or reached."""
+
+
+@dataclass(frozen=True)
+class TaskResources:
+    """What one task reserves from Ray's scheduler."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory_mb: int = 0
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``.options()`` of a Ray remote function."""
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_mb:
+            opts["memory"] = int(self.memory_mb) * 1024 * 1024
+        return opts
+
+
+def pack_chunks(sizes: Sequence[int], *, slots: int, min_rows: int = 2_000,
+                max_rows: int = 250_000, max_items: int = 2_000, waves: int = 12) -> list[list[int]]:
+    """Group consecutive items (partitions, by row count) into chunks of similar total size.
+
+    The target chunk holds about ``total / (slots * waves)`` rows, clamped to
+    ``[min_rows, max_rows]``: enough tasks to balance ``slots`` parallel workers and to stream
+    results, few enough that per-task cost stays small against thousands of tiny partitions. An
+    item larger than the target gets a chunk of its own, so one huge partition never holds up a
+    batch of small ones. Order is kept (consecutive items usually share files).
+
+    Args:
+        sizes: rows per item, in plan order.
+        slots: how many tasks can run at once.
+        min_rows, max_rows: bounds of the target chunk size in rows.
+        max_items: at most this many items per chunk.
+        waves: tasks per slot to aim for.
+
+    Returns:
+        Lists of item indices; every index appears exactly once.
+    """
+    total = sum(sizes)
+    target = min(max_rows, max(min_rows, total // max(1, slots * waves)))
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for i, n in enumerate(sizes):
+        if n >= target:
+            chunks.append([i])
+            continue
+        if current and (rows + n > target or len(current) >= max_items):
+            chunks.append(current)
+            current, rows = [], 0
+        current.append(i)
+        rows += n
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _warm() -> int:
+    """Import the heavy libraries in a fresh worker while the driver is still planning."""
+    import lightgbm  # noqa: F401
+
+    import manymodels.pipeline  # noqa: F401
+
+    return os.getpid()
+
+
+def _call(fn: Callable[..., Any], payload: Any, shared: Any) -> tuple[Any, str, float]:
+    started = time.perf_counter()
+    result = fn(payload, shared)
+    return result, ray.get_runtime_context().get_node_id(), time.perf_counter() - started
+
+
+class Engine:
+    """A connection to Ray for one job run (a context manager).
+
+    Args:
+        address: ``None`` for a new embedded local Ray (the caller reads ``RAY_ADDRESS`` and passes
+            it here when set); ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT`` to join a cluster.
+        num_cpus: CPUs of the embedded instance (default: all of this machine's).
+        num_gpus: logical GPUs of the embedded instance (default: what Ray detects).
+    """
+
+    def __init__(self, address: str | None = None, *, num_cpus: int | None = None,
+                 num_gpus: float | None = None) -> None:
+        self.address = address
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self._started = False
+
+    def __enter__(self) -> Engine:
+        if ray.is_initialized():
+            return self  # a caller (a notebook, a test session) owns this Ray instance
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
+                                  "log_to_driver": True}
+        try:
+            if self.address:
+                ray.init(address=self.address, **kwargs)
+            else:
+                ray.init(address="local", num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                         object_store_memory=256 * 1024 * 1024, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = self.address or "a local Ray instance"
+            raise EngineError(f"cannot start or join Ray at {where}: {str(exc).splitlines()[0]}") from exc
+        self._started = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started:
+            ray.shutdown()
+            self._started = False
+
+    @property
+    def embedded(self) -> bool:
+        """Whether this run started its own local Ray instance (not a cluster)."""
+        return self._started and not self.address
+
+    def resources(self) -> dict[str, float]:
+        """The cluster's total resources (``CPU``, ``GPU``, ``memory``, ...)."""
+        return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+    def nodes(self) -> int:
+        """How many live nodes the cluster has."""
+        return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+    def warm_up(self, workers: int) -> None:
+        """Start ``workers`` worker processes importing LightGBM now, without waiting for them."""
+        remote = ray.remote(num_cpus=1)(_warm)
+        self._warm_refs = [remote.remote() for _ in range(max(0, workers))]
+
+    def map(self, fn: Callable[[Any, Any], Any], payloads: Sequence[Any], *,
+            resources: Sequence[TaskResources], shared: Any = None, max_retries: int = 2,
+            wait_s: float = 0.5) -> Iterator[tuple[int, Any, str, float] | None]:
+        """Run ``fn(payload, shared)`` for every payload as a Ray task; yield results as they finish.
+
+        ``shared`` is put in Ray's object store once for all tasks. A task whose worker process dies
+        is retried up to ``max_retries`` times (payload functions must be idempotent); an exception
+        raised by ``fn`` itself is not retried and is yielded as the result.
+
+        Yields:
+            ``(payload index, result or exception, node id, task wall seconds)`` per finished
+            task, and ``None``
+            every ``wait_s`` seconds while nothing finished (so callers can refresh progress).
+        """
+        shared_ref = ray.put(shared)
+        remote = ray.remote(_call)
+        pending: dict[Any, int] = {}
+        for i, payload in enumerate(payloads):
+            opts = resources[i].options()
+            ref = remote.options(max_retries=max_retries, retry_exceptions=False, **opts).remote(
+                fn, payload, shared_ref)
+            pending[ref] = i
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            if not done:
+                yield None
+                continue
+            for ref in done:
+                i = pending.pop(ref)
+                try:
+                    result, node, wall = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    result, node, wall = exc, "", 0.0
+                yield i, result, node, wall

@@ -1,0 +1,336 @@
+"""The per-partition pipeline: a pure function of (DataFrame, spec) to a trained model and its metrics.
+
+No Ray, no storage and no clock reads in here: the engine calls :func:`train_partition` once per
+partition inside its tasks, and unit tests call it directly. The same :func:`prepare_features` runs at
+training and at scoring time, so a model sees the same columns in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from manymodels.spec import OBJECTIVES_CLASSIFICATION, JobSpec
+
+__all__ = [
+    "PartitionError",
+    "PrepareFn",
+    "TrainResult",
+    "compute_metric",
+    "load_prepare",
+    "predict_partition",
+    "prepare_features",
+    "run_prepare",
+    "select_features",
+    "train_partition",
+]
+
+PrepareFn = Callable[[pd.DataFrame], pd.DataFrame]
+
+
+class PartitionError(ValueError):
+    """This partition cannot be trained or scored; the message is the one-line reason recorded."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What training one partition produced.
+
+    Attributes:
+        model_str: the LightGBM text model.
+        metric: the holdout value of the job's metric.
+        metrics: every number worth keeping (metric, sizes, the champion's metric on this holdout).
+        promote: passes the gates and is not worse than the champion on this holdout.
+        reason: why it is not promoted ("" when it is).
+        rows: usable rows (target present) used for train + holdout.
+        time_min, time_max: range of ``time_column`` over the usable rows (ISO text), if set.
+        features: the feature columns, in model order.
+    """
+
+    model_str: str
+    metric: float
+    metrics: dict[str, float]
+    promote: bool
+    reason: str
+    rows: int
+    time_min: str | None = None
+    time_max: str | None = None
+    features: tuple[str, ...] = field(default_factory=tuple)
+
+
+_PREPARE_CACHE: dict[str, PrepareFn] = {}
+
+
+def load_prepare(spec: JobSpec) -> PrepareFn | None:
+    """Compile the spec's prepare function from the source text the driver read (cached per text).
+
+    The code runs as a module named after its file, so it can define helpers and import libraries;
+    it is the code named by ``pipeline.prepare`` and nothing else (a job spec runs code: trust it as
+    you trust the code you run).
+    """
+    if not spec.pipeline.prepare:
+        return None
+    path, _, func = spec.pipeline.prepare.rpartition(":")
+    cache_key = hashlib.sha256(f"{path}\0{func}\0{spec.prepare_source}".encode()).hexdigest()
+    if cache_key not in _PREPARE_CACHE:
+        module = types.ModuleType(f"manymodels_prepare_{cache_key[:12]}")
+        module.__file__ = path
+        exec(compile(spec.prepare_source, path, "exec"), module.__dict__)
+        fn = module.__dict__.get(func)
+        if not callable(fn):
+            raise PartitionError(f"pipeline.prepare: {path} defines no function {func!r}")
+        _PREPARE_CACHE[cache_key] = fn
+    return _PREPARE_CACHE[cache_key]
+
+
+def run_prepare(frame: pd.DataFrame, prepare: PrepareFn | None, *, same_rows: bool = False) -> pd.DataFrame:
+    """Apply the user's prepare function, turning its failures into one-line partition errors."""
+    if prepare is None:
+        return frame
+    try:
+        out = prepare(frame)
+    except Exception as exc:  # user code: any failure is this partition's failure
+        raise PartitionError(f"prepare raised {type(exc).__name__}: {_one_line(exc)}") from exc
+    if not isinstance(out, pd.DataFrame):
+        raise PartitionError(f"prepare returned {type(out).__name__}, not a pandas DataFrame")
+    if same_rows and len(out) != len(frame):
+        raise PartitionError(f"prepare returned {len(out)} rows for {len(frame)}: at scoring time it "
+                             "must keep every row")
+    return out
+
+
+def select_features(columns: Sequence[str], dtypes: Sequence[Any], spec: JobSpec) -> list[str]:
+    """The feature columns: ``data.features`` if given, else every usable column but the reserved ones.
+
+    Reserved: partition keys, target, ``time_column``, ``exclude``, and the score passthrough columns.
+    Date/time columns are left out of the default selection (LightGBM cannot use them directly).
+    """
+    d = spec.data
+    if d.features:
+        missing = [f for f in d.features if f not in columns]
+        if missing:
+            raise PartitionError(f"feature column {missing[0]!r} is missing")
+        return list(d.features)
+    reserved = {*d.partition_by, d.target, d.time_column, *d.exclude, *spec.score.passthrough}
+    return [c for c, t in zip(columns, dtypes, strict=True)
+            if c not in reserved and not pd.api.types.is_datetime64_any_dtype(t)
+            and not isinstance(t, pd.PeriodDtype)]
+
+
+def prepare_features(frame: pd.DataFrame, features: Sequence[str], spec: JobSpec
+                     ) -> pd.DataFrame | np.ndarray:
+    """The model input: a float matrix when every feature is numeric, else a frame with categoricals.
+
+    Strings (and ``data.categorical`` columns) become pandas categoricals; LightGBM stores their
+    categories in the model text, so scoring maps values the same way.
+    """
+    missing = [f for f in features if f not in frame.columns]
+    if missing:
+        raise PartitionError(f"feature column {missing[0]!r} is missing")
+    sub = frame[list(features)]
+    categorical = set(spec.data.categorical)
+    convert = [c for c in features if c in categorical or not (
+        pd.api.types.is_numeric_dtype(sub[c].dtype) or isinstance(sub[c].dtype, pd.CategoricalDtype))]
+    if not convert:
+        try:
+            return sub.to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError) as exc:
+            raise PartitionError(f"features are not numeric: {_one_line(exc)}") from exc
+    for c in convert:
+        if pd.api.types.is_datetime64_any_dtype(sub[c].dtype):
+            raise PartitionError(f"feature column {c!r} is a date/time; derive numbers from it in prepare")
+    sub = sub.copy()
+    for c in convert:
+        sub[c] = sub[c].astype("category")
+    for c in sub.columns:
+        if pd.api.types.is_bool_dtype(sub[c].dtype):
+            sub[c] = sub[c].astype(np.float64)
+    return sub
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def _target(frame: pd.DataFrame, spec: JobSpec) -> np.ndarray:
+    col = spec.data.target
+    if col not in frame.columns:
+        raise PartitionError(f"target column {col!r} is missing")
+    try:
+        y = pd.to_numeric(frame[col], errors="raise").to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError) as exc:
+        raise PartitionError(f"target column {col!r} is not numeric: {_one_line(exc)}") from exc
+    if np.isinf(y).any():
+        raise PartitionError(f"target column {col!r} holds infinite values")
+    return y
+
+
+def _split(frame: pd.DataFrame, n: int, spec: JobSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Train and holdout row positions: the latest rows when ``time_column`` is set, else random."""
+    k = min(n - 1, max(1, round(n * spec.validation.holdout_fraction)))
+    if spec.data.time_column:
+        col = spec.data.time_column
+        if col not in frame.columns:
+            raise PartitionError(f"time column {col!r} is missing")
+        order = np.argsort(frame[col].to_numpy(), kind="stable")
+    else:
+        order = np.random.default_rng(spec.validation.seed).permutation(n)
+    return np.sort(order[: n - k]), np.sort(order[n - k:])
+
+
+def lgb_params(spec: JobSpec, num_threads: int) -> dict[str, Any]:
+    """LightGBM parameters: the spec's, plus threads equal to the task's CPUs and determinism."""
+    params: dict[str, Any] = {
+        "objective": spec.model.objective, "verbosity": -1, "seed": spec.validation.seed,
+        "deterministic": True, "force_col_wise": True,
+    }
+    params.update(spec.model.params)
+    params["num_threads"] = max(1, num_threads)
+    if spec.model.device != "cpu":
+        params["device_type"] = spec.model.device
+    return params
+
+
+def compute_metric(name: str, y: np.ndarray, pred: np.ndarray) -> float:
+    """The holdout metric (``pred`` is a probability for binary, a probability matrix for multiclass)."""
+    if name == "mae":
+        return float(np.mean(np.abs(pred - y)))
+    if name == "rmse":
+        return float(np.sqrt(np.mean((pred - y) ** 2)))
+    if name == "mape":
+        nz = y != 0
+        return float(np.mean(np.abs((pred[nz] - y[nz]) / y[nz]))) if nz.any() else math.nan
+    if name == "r2":
+        ss = float(np.sum((y - y.mean()) ** 2))
+        return 1.0 - float(np.sum((y - pred) ** 2)) / ss if ss > 0 else math.nan
+    if name == "accuracy":
+        labels = pred.argmax(axis=1) if pred.ndim == 2 else (pred >= 0.5)
+        return float(np.mean(labels == y))
+    if name == "logloss":
+        eps = 1e-15
+        if pred.ndim == 2:
+            p = np.clip(pred[np.arange(len(y)), y.astype(int)], eps, 1.0)
+            return float(-np.mean(np.log(p)))
+        p = np.clip(pred, eps, 1 - eps)
+        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    if name == "auc":
+        pos = y == 1
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos == 0 or n_neg == 0:
+            return math.nan
+        ranks = pd.Series(pred).rank(method="average").to_numpy()
+        return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    raise PartitionError(f"unknown metric {name!r}")
+
+
+def _is_worse(new: float, old: float, higher_is_better: bool) -> bool:
+    return new < old if higher_is_better else new > old
+
+
+def _gate(metric: float, spec: JobSpec) -> str:
+    v = spec.validation
+    if math.isnan(metric):
+        return f"holdout {v.metric} is undefined (NaN)"
+    if v.max_metric is not None and metric > v.max_metric:
+        return f"holdout {v.metric} {metric:.4g} > max_metric {v.max_metric:g}"
+    if v.min_metric is not None and metric < v.min_metric:
+        return f"holdout {v.metric} {metric:.4g} < min_metric {v.min_metric:g}"
+    return ""
+
+
+def _time_range(frame: pd.DataFrame, spec: JobSpec) -> tuple[str | None, str | None]:
+    col = spec.data.time_column
+    if not col or col not in frame.columns or frame.empty:
+        return None, None
+    values = frame[col]
+    lo, hi = values.min(), values.max()
+    return (None if pd.isna(lo) else str(lo)), (None if pd.isna(hi) else str(hi))
+
+
+def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | None = None,
+                    champion: str | None = None, num_threads: int = 1) -> TrainResult:
+    """Train, validate and judge one partition's model.
+
+    Args:
+        frame: the partition's rows as read.
+        spec: the job spec.
+        prepare: the compiled prepare function (see :func:`load_prepare`).
+        champion: the current champion's model text, judged on this holdout for the promotion rule.
+        num_threads: LightGBM threads; the engine passes the task's ``num_cpus``.
+
+    Raises:
+        PartitionError: the partition cannot be trained; the message is the recorded reason.
+    """
+    frame = run_prepare(frame, prepare)
+    y_all = _target(frame, spec)
+    usable = ~np.isnan(y_all)
+    n = int(usable.sum())
+    if n < spec.validation.min_rows:
+        raise PartitionError(f"only {n} usable rows (min_rows = {spec.validation.min_rows})")
+    if not usable.all():
+        frame, y_all = frame.loc[usable], y_all[usable]
+    features = select_features(list(frame.columns), list(frame.dtypes), spec)
+    if not features:
+        raise PartitionError("no feature columns left after removing keys, target, time and exclude")
+    X = prepare_features(frame, features, spec)
+    tr, ho = _split(frame, n, spec)
+    params = lgb_params(spec, num_threads)
+    if spec.model.objective in OBJECTIVES_CLASSIFICATION and spec.model.objective != "cross_entropy":
+        classes = np.unique(y_all)
+        if spec.model.objective == "binary" and not set(classes.tolist()) <= {0.0, 1.0}:
+            raise PartitionError(f"binary target must be 0/1, found {classes[:5].tolist()}")
+    x_tr = X[tr] if isinstance(X, np.ndarray) else X.iloc[tr]
+    x_ho = X[ho] if isinstance(X, np.ndarray) else X.iloc[ho]
+    try:
+        dataset = lgb.Dataset(x_tr, label=y_all[tr], feature_name=list(features),
+                              params={"verbosity": -1, "seed": spec.validation.seed}, free_raw_data=True)
+        booster = lgb.train(params, dataset)
+    except lgb.basic.LightGBMError as exc:
+        raise PartitionError(f"LightGBM: {_one_line(exc)}") from exc
+    y_ho = y_all[ho]
+    pred = np.asarray(booster.predict(x_ho))
+    metric = compute_metric(spec.metric, y_ho, pred)
+    metrics = {spec.metric: metric, "train_rows": float(len(tr)), "holdout_rows": float(len(ho))}
+    reason = _gate(metric, spec)
+    if champion is not None:
+        try:
+            old = lgb.Booster(model_str=champion)
+            if old.feature_name() == list(features):
+                old_metric = compute_metric(spec.metric, y_ho, np.asarray(old.predict(x_ho)))
+                metrics["champion_" + spec.metric] = old_metric
+                if not reason and _is_worse(metric, old_metric, spec.higher_is_better):
+                    reason = f"holdout {spec.metric} {metric:.4g} is worse than the champion's {old_metric:.4g}"
+        except lgb.basic.LightGBMError:
+            pass  # a champion that cannot score this holdout (other features) cannot block promotion
+    lo, hi = _time_range(frame, spec)
+    return TrainResult(model_str=booster.model_to_string(), metric=metric, metrics=metrics,
+                       promote=not reason, reason=reason, rows=n, time_min=lo, time_max=hi,
+                       features=tuple(features))
+
+
+def predict_partition(frame: pd.DataFrame, spec: JobSpec, booster: lgb.Booster, *,
+                      prepare: PrepareFn | None = None) -> np.ndarray:
+    """Predictions of ``booster`` for every row of ``frame`` (after the same prepare as training).
+
+    Returns a float64 vector: the prediction, the positive-class probability for binary, and the
+    most likely class for multiclass.
+
+    Raises:
+        PartitionError: prepare failed or a feature the model needs is missing.
+    """
+    frame = run_prepare(frame, prepare, same_rows=True)
+    features = booster.feature_name()
+    X = prepare_features(frame, features, spec)
+    pred = np.asarray(booster.predict(X), dtype=np.float64)
+    if pred.ndim == 2:
+        pred = pred.argmax(axis=1).astype(np.float64)
+    return pred

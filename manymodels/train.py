@@ -1,0 +1,443 @@
+"""Training a job: plan the partitions, fan them out in packed chunks, register what comes back.
+
+The driver (:func:`train`) validates the spec and the data, plans partitions from the key columns,
+packs them into chunks and hands them to the engine. Each chunk runs :func:`train_chunk` on a
+worker: it reads only its partitions' rows, trains each one with the pure pipeline, writes each
+model straight to the registry and returns small typed outcomes. The driver folds outcomes as they
+stream in, commits them to the registry index every few seconds (so a killed run resumes where it
+stopped), and writes the run record at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import resource
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from manymodels.cost import Held, JobCost, job_cost, partition_cost
+from manymodels.data import (
+    InputError,
+    Plan,
+    Source,
+    check_columns,
+    check_numeric,
+    fingerprint,
+    open_source,
+    plan_partitions,
+    read_partitions,
+)
+from manymodels.engine import Engine, TaskResources, pack_chunks
+from manymodels.pipeline import PartitionError, load_prepare, train_partition
+from manymodels.progress import RunProgress
+from manymodels.registry import NewVersion, Registry, encode_partition, partition_id
+from manymodels.runinfo import environment, new_run_id, utc_now
+from manymodels.spec import JobSpec, SpecError, load_spec, spec_hash
+from manymodels.storage import StorageError, Store
+
+__all__ = ["PartitionOutcome", "RunSummary", "parse_only", "train", "train_chunk"]
+
+COMMIT_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class PlannedPartition:
+    """A partition as a worker needs it: key, id, and what the registry already has for it."""
+
+    key: tuple[Any, ...]
+    pid: str
+    partition: str
+    rows: int
+    champion_key: str | None
+    champion_features: tuple[str, ...]
+    latest_fingerprint: str | None
+    latest_spec_hash: str | None
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """One chunk of partitions for one Ray task."""
+
+    chunk: int
+    partitions: tuple[PlannedPartition, ...]
+    files: tuple[int, ...]
+    resources: TaskResources
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What every task of a run shares (put in Ray's object store once)."""
+
+    spec: JobSpec
+    source: Source
+    keys: tuple[str, ...]
+    registry_url: str
+    run_id: str
+    spec_hash: str
+    force: bool
+
+
+@dataclass(frozen=True)
+class PartitionOutcome:
+    """What happened to one partition in a run (a typed record crossing the process boundary)."""
+
+    pid: str
+    partition: str
+    status: str  # trained | skipped | failed
+    reason: str = ""
+    rows: int = 0
+    promote: bool = False
+    metric_value: float | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    fingerprint: str = ""
+    model_key: str = ""
+    features: tuple[str, ...] = ()
+    time_min: str | None = None
+    time_max: str | None = None
+    trained_at: dt.datetime | None = None
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory_mb: int = 0
+    node: str = ""
+
+
+@dataclass
+class RunSummary:
+    """The result of ``manymodels train`` (``to_dict`` is the contract's ``--json`` object)."""
+
+    run_id: str
+    job: str
+    status: str
+    total: int
+    trained: int
+    promoted: int
+    skipped: int
+    failed: int
+    failures: list[dict[str, Any]]
+    cost: JobCost
+    registry: str
+    wall_s: float
+    nodes: list[str] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when the run is within ``run.max_failure_fraction``, else 1."""
+        return 0 if self.status == "succeeded" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The contract's ``train --json`` object."""
+        return {"run_id": self.run_id, "job": self.job, "status": self.status, "kind": "train",
+                "partitions": {"total": self.total, "trained": self.trained, "promoted": self.promoted,
+                               "skipped": self.skipped, "failed": self.failed},
+                "failures": self.failures, "cost": self.cost.to_dict(), "registry": self.registry,
+                "wall_s": round(self.wall_s, 3), "nodes": self.nodes}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _outcome(p: PlannedPartition, res: TaskResources, **kw: Any) -> PartitionOutcome:
+    return PartitionOutcome(pid=p.pid, partition=p.partition, num_cpus=res.num_cpus,
+                            num_gpus=res.num_gpus, memory_mb=res.memory_mb, **kw)
+
+
+def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
+    """Train every partition of one chunk (runs inside a Ray task; idempotent, so retries are safe).
+
+    A partition that fails is recorded with its reason and the chunk goes on. Models are written
+    to the registry from here, so they never travel through the driver.
+    """
+    spec, res = ctx.spec, task.resources
+    try:
+        frame, spans, _ = read_partitions(ctx.source, ctx.keys, [p.key for p in task.partitions],
+                                          task.files)
+        prepare = load_prepare(spec)
+    except Exception as exc:  # the whole chunk's input is unusable: every partition says why
+        reason = f"cannot read partition data: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return [_outcome(p, res, status="failed", reason=reason) for p in task.partitions]
+    store = Store(ctx.registry_url)
+    threads = max(1, int(res.num_cpus))
+    out: list[PartitionOutcome] = []
+    for p in task.partitions:
+        t0, c0 = time.perf_counter(), time.process_time()
+        span = spans.get(p.key)
+        if span is None:
+            out.append(_outcome(p, res, status="failed", reason="no rows found (the data changed "
+                                                                "after planning?)"))
+            continue
+        part = frame.iloc[span[0]:span[1]].reset_index(drop=True)
+        fp = fingerprint(part)
+        if not ctx.force and p.latest_fingerprint == fp and p.latest_spec_hash == ctx.spec_hash:
+            out.append(_outcome(p, res, status="skipped", reason="unchanged data and spec",
+                                rows=len(part), fingerprint=fp,
+                                wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0))
+            continue
+        try:
+            champion = None
+            if p.champion_key is not None:
+                champion = (store.read_bytes(p.champion_key).decode(), p.champion_features)
+            result = train_partition(part, spec, prepare=prepare, champion=champion, num_threads=threads)
+            model_key = Registry.model_key(spec.name, p.pid, ctx.run_id)
+            store.write_bytes(model_key, result.model_str.encode())
+        except PartitionError as exc:
+            out.append(_outcome(p, res, status="failed", reason=str(exc), rows=len(part),
+                                wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0))
+            continue
+        except StorageError as exc:
+            out.append(_outcome(p, res, status="failed", reason=str(exc), rows=len(part),
+                                wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0))
+            continue
+        except Exception as exc:  # anything else in one partition must not stop the others
+            msg = str(exc).strip().splitlines()
+            out.append(_outcome(p, res, status="failed", rows=len(part),
+                                reason=f"{type(exc).__name__}: {msg[0][:300] if msg else ''}",
+                                wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0))
+            continue
+        out.append(_outcome(
+            p, res, status="trained", reason=result.reason, rows=result.rows, promote=result.promote,
+            metric_value=result.metric, metrics=result.metrics, fingerprint=fp, model_key=model_key,
+            features=result.features, time_min=result.time_min, time_max=result.time_max,
+            trained_at=dt.datetime.now(dt.UTC), wall_s=time.perf_counter() - t0,
+            cpu_s=time.process_time() - c0, peak_rss_mb=_peak_rss_mb()))
+    return out
+
+
+def parse_only(items: Sequence[str] | None, keys: Sequence[str]) -> Callable[[dict[str, Any]], bool] | None:
+    """Turn ``--only COL=VALUE`` items into a partition predicate (values compared as text).
+
+    Several values for one column are alternatives; different columns must all match.
+    """
+    if not items:
+        return None
+    wanted: dict[str, set[str]] = {}
+    for item in items:
+        col, sep, value = item.partition("=")
+        if not sep or col not in keys:
+            raise SpecError(f"--only {item!r} must be COL=VALUE with COL one of {', '.join(keys)}")
+        wanted.setdefault(col, set()).add(value)
+
+    def keep(part: dict[str, Any]) -> bool:
+        return all(("" if part[c] is None else str(part[c])) in vs for c, vs in wanted.items())
+
+    return keep
+
+
+def _resources_for(spec: JobSpec, part: Mapping[str, Any]) -> TaskResources:
+    r = spec.resources
+    res = TaskResources(num_cpus=r.num_cpus, num_gpus=r.num_gpus, memory_mb=r.memory_mb)
+    for o in r.override:
+        if all(str(part.get(k)) == str(v) for k, v in o.match.items()):
+            res = TaskResources(num_cpus=o.num_cpus if o.num_cpus is not None else res.num_cpus,
+                                num_gpus=o.num_gpus if o.num_gpus is not None else res.num_gpus,
+                                memory_mb=o.memory_mb if o.memory_mb is not None else res.memory_mb)
+    return res
+
+
+def plan_tasks(plan: Plan, spec: JobSpec, planned: Sequence[PlannedPartition], slots: int
+               ) -> list[TrainTask]:
+    """Pack planned partitions into tasks; partitions with different resources never share one."""
+    groups: dict[TaskResources, list[int]] = {}
+    for i, p in enumerate(plan.partitions):
+        groups.setdefault(_resources_for(spec, p.as_dict(plan.keys)), []).append(i)
+    tasks: list[TrainTask] = []
+    for res, members in groups.items():
+        per_task_slots = max(1, int(slots / max(res.num_cpus, 1e-9)))
+        for chunk in pack_chunks([plan.partitions[i].rows for i in members], slots=per_task_slots):
+            idx = [members[j] for j in chunk]
+            files = sorted({f for i in idx for f in plan.partitions[i].files})
+            tasks.append(TrainTask(chunk=len(tasks), partitions=tuple(planned[i] for i in idx),
+                                   files=tuple(files), resources=res))
+    return tasks
+
+
+def _check_inputs(spec: JobSpec, source: Source) -> None:
+    d = spec.data
+    check_columns(source, {"partition_by": d.partition_by, "target": [d.target],
+                           "time_column": [d.time_column]})
+    check_numeric(source, d.target, "target")
+    if not spec.pipeline.prepare:
+        check_columns(source, {"features": d.features})
+
+
+def resolve_spec(spec: JobSpec | str | Path | None, overrides: Mapping[str, Any]) -> JobSpec:
+    """A spec object from a spec, a TOML path or overrides alone (flags win over the file)."""
+    if isinstance(spec, JobSpec):
+        if any(v is not None for v in overrides.values()):
+            from manymodels.spec import spec_from_dict
+            return spec_from_dict(spec.to_dict(), path=spec.path, **overrides)
+        return spec
+    return load_spec(spec, **overrides)
+
+
+def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
+          partition_by: Sequence[str] | str | None = None, target: str | None = None,
+          registry: str | None = None, address: str | None = None, only: Sequence[str] | None = None,
+          limit: int | None = None, force: bool = False, progress: bool | None = None,
+          num_cpus: int | None = None) -> RunSummary:
+    """Train one model per partition and register the versions.
+
+    Args:
+        spec: a :class:`JobSpec`, a path to a TOML job spec, or ``None`` (then ``data``,
+            ``partition_by`` and ``target`` are enough).
+        data, partition_by, target, registry: override the spec's keys.
+        address: Ray to use: ``None`` → ``RAY_ADDRESS`` if set, else a new embedded local instance.
+        only: ``COL=VALUE`` filters; only matching partitions are trained.
+        limit: train at most this many partitions (in data order).
+        force: retrain partitions whose data and spec are unchanged.
+        progress: show a progress bar (``None``: when stderr is a terminal).
+        num_cpus: CPUs of the embedded Ray instance (default: all).
+
+    Raises:
+        SpecError, InputError, StorageError: bad spec, data or registry, before anything is written.
+    """
+    started = time.perf_counter()
+    spec = resolve_spec(spec, {"data": data, "partition_by": partition_by, "target": target,
+                               "registry": registry})
+    if limit is not None and limit < 1:
+        raise SpecError(f"--limit must be at least 1, got {limit}")
+    try:
+        prepare_ok = load_prepare(spec)
+    except SyntaxError as exc:
+        raise SpecError(f"pipeline.prepare {spec.pipeline.prepare!r} does not compile: {exc}") from None
+    except PartitionError as exc:
+        raise SpecError(str(exc)) from None
+    del prepare_ok
+    source = open_source(spec.data.source, spec.data.format)
+    _check_inputs(spec, source)
+    plan = plan_partitions(source, spec.data.partition_by, parse_only(only, spec.data.partition_by))
+    if limit is not None:
+        plan = dataclasses.replace(plan, partitions=plan.partitions[:limit])
+    if not plan.partitions:
+        raise InputError("no partition matches --only" if only else f"{source.url!r} has no partitions")
+    reg = Registry(spec.output.registry)
+    reg.store.check_writable()
+
+    job, keys, shash = spec.name, plan.keys, spec_hash(spec)
+    run_id = new_run_id("train")
+    state = reg.state(job)
+    planned = []
+    for p in plan.partitions:
+        pid = partition_id(keys, p.key)
+        st = state.get(pid)
+        champ, latest = (st["champion"], st["latest"]) if st else (None, None)
+        planned.append(PlannedPartition(
+            key=p.key, pid=pid, partition=encode_partition(keys, p.key), rows=p.rows,
+            champion_key=champ["model_key"] if champ else None,
+            champion_features=tuple(json.loads(champ["features"])) if champ else (),
+            latest_fingerprint=latest["fingerprint"] if latest else None,
+            latest_spec_hash=latest["spec_hash"] if latest else None))
+    record: dict[str, Any] = {
+        "run_id": run_id, "job": job, "kind": "train", "status": "running",
+        "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
+        "spec_hash": shash, "data": source.url, "registry": reg.url, "environment": environment(),
+        "partitions": {"total": len(planned)}}
+    reg.write_run(job, run_id, record)
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ctx = TrainContext(spec=spec, source=source, keys=keys, registry_url=reg.url, run_id=run_id,
+                       spec_hash=shash, force=force)
+    outcomes: list[PartitionOutcome] = []
+    versions: dict[str, int] = {}
+    nodes: set[str] = set()
+    reserved_cpu_s = reserved_gpu_s = 0.0
+    with Engine(address, num_cpus=num_cpus) as engine:
+        cluster = engine.resources()
+        slots = max(1, int(cluster.get("CPU", 1)))
+        engine.warm_up(min(slots, len(planned)))
+        tasks = plan_tasks(plan, spec, planned, slots)
+        pending_commit: list[PartitionOutcome] = []
+        last_commit = time.perf_counter()
+        failed = 0
+        with RunProgress(f"train {job}", len(planned), progress) as bar:
+            for item in engine.map(train_chunk, tasks, resources=[t.resources for t in tasks],
+                                   shared=ctx, max_retries=spec.run.max_retries):
+                if item is not None:
+                    i, result, node, task_wall = item
+                    reserved_cpu_s += task_wall * tasks[i].resources.num_cpus
+                    reserved_gpu_s += task_wall * tasks[i].resources.num_gpus
+                    if isinstance(result, BaseException):
+                        reason = f"task failed: {type(result).__name__}: {str(result).splitlines()[0][:200]}"
+                        result = [_outcome(p, tasks[i].resources, status="failed", reason=reason)
+                                  for p in tasks[i].partitions]
+                    if node:
+                        nodes.add(node)
+                    for o in result:
+                        outcomes.append(dataclasses.replace(o, node=node))
+                        failed += o.status == "failed"
+                        if o.status == "trained":
+                            pending_commit.append(o)
+                    bar.update(len(outcomes), failed)
+                if pending_commit and time.perf_counter() - last_commit > COMMIT_EVERY_S:
+                    versions.update(_commit(reg, job, run_id, pending_commit, shash, spec))
+                    pending_commit, last_commit = [], time.perf_counter()
+        versions.update(_commit(reg, job, run_id, pending_commit, shash, spec))
+        embedded = engine.embedded
+    reg.compact(job)
+    wall = time.perf_counter() - started
+    # Embedded Ray: the job held the whole local instance for its wall time. On a shared cluster it
+    # held what its tasks reserved while they ran (expressed as an average over the wall time).
+    held = (Held(cpus=cluster.get("CPU", 0.0), gpus=cluster.get("GPU", 0.0)) if embedded else
+            Held(cpus=reserved_cpu_s / wall, gpus=reserved_gpu_s / wall))
+    return _finish(reg, spec, run_id, record, outcomes, versions, sorted(nodes), held, wall)
+
+
+def _commit(reg: Registry, job: str, run_id: str, outcomes: Sequence[PartitionOutcome], shash: str,
+            spec: JobSpec) -> dict[str, int]:
+    return reg.commit(job, [NewVersion(
+        pid=o.pid, partition=o.partition, run_id=run_id,
+        trained_at=o.trained_at or utc_now(), rows=o.rows, metric=spec.metric,
+        metric_value=float(o.metric_value) if o.metric_value is not None else float("nan"),
+        metrics=o.metrics, fingerprint=o.fingerprint, spec_hash=shash, model_key=o.model_key,
+        features=o.features, time_min=o.time_min, time_max=o.time_max, promote=o.promote,
+        reason=o.reason) for o in outcomes])
+
+
+PARTITION_SCHEMA = pa.schema([
+    ("partition", pa.string()), ("pid", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+    ("version", pa.int64()), ("promoted", pa.bool_()), ("rows", pa.int64()), ("metric", pa.float64()),
+    ("wall_s", pa.float64()), ("process_cpu_s", pa.float64()), ("peak_rss_mb", pa.float64()),
+    ("num_cpus", pa.float64()), ("num_gpus", pa.float64()), ("memory_mb", pa.int64()),
+    ("cpu_seconds", pa.float64()), ("gpu_seconds", pa.float64()), ("cost_usd", pa.float64()),
+    ("node", pa.string()),
+])
+
+
+def _finish(reg: Registry, spec: JobSpec, run_id: str, record: dict[str, Any],
+            outcomes: Sequence[PartitionOutcome], versions: Mapping[str, int], nodes: list[str],
+            held: Held, wall: float) -> RunSummary:
+    costs = [partition_cost(o.wall_s, o.num_cpus, o.num_gpus, o.memory_mb, spec.cost) for o in outcomes]
+    cost = job_cost(wall, held, costs, spec.cost)
+    rows = [{"partition": o.partition, "pid": o.pid, "status": o.status, "reason": o.reason,
+             "version": versions.get(o.pid) if o.status == "trained" else None,
+             "promoted": o.status == "trained" and o.promote, "rows": o.rows, "metric": o.metric_value,
+             "wall_s": o.wall_s, "process_cpu_s": o.cpu_s, "peak_rss_mb": o.peak_rss_mb,
+             "num_cpus": o.num_cpus, "num_gpus": o.num_gpus, "memory_mb": o.memory_mb,
+             "cpu_seconds": c.cpu_seconds, "gpu_seconds": c.gpu_seconds, "cost_usd": c.cost_usd,
+             "node": o.node} for o, c in zip(outcomes, costs, strict=True)]
+    failures = [{"partition": json.loads(o.partition), "reason": o.reason}
+                for o in outcomes if o.status == "failed"]
+    total = int(record["partitions"]["total"])
+    n_failed = len(failures)
+    status = "succeeded" if n_failed <= spec.run.max_failure_fraction * total else "failed"
+    summary = RunSummary(
+        run_id=run_id, job=spec.name, status=status, total=total,
+        trained=sum(o.status == "trained" for o in outcomes),
+        promoted=sum(o.status == "trained" and o.promote for o in outcomes),
+        skipped=sum(o.status == "skipped" for o in outcomes), failed=n_failed, failures=failures,
+        cost=cost, registry=reg.url, wall_s=wall, nodes=nodes, versions=dict(versions))
+    record = {**record, **summary.to_dict(), "finished_at": utc_now().isoformat()}
+    reg.write_run(spec.name, run_id, record, pa.Table.from_pylist(rows, schema=PARTITION_SCHEMA))
+    return summary
