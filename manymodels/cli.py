@@ -117,6 +117,49 @@ def train(
     raise typer.Exit(summary.exit_code)
 
 
+@app.command()
+def score(
+    job: JobOpt = None,
+    data: DataOpt = None,
+    output: Annotated[str | None, typer.Option("--output", help="Scores URL (overrides output.scores).")] = None,
+    registry: RegistryOpt = None,
+    address: AddressOpt = None,
+    partition_by: Annotated[str | None, typer.Option(
+        "--partition-by", help="Partition key column(s), comma-separated (without --job).")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Target column (without --job).")] = None,
+    model_version: Annotated[int | None, typer.Option(
+        "--model-version", help="Score with this version of every partition, not its champion.")] = None,
+    train_run: Annotated[str | None, typer.Option(
+        "--train-run", help="Score with the versions this train run produced.")] = None,
+    run_id: Annotated[str | None, typer.Option(
+        "--run-id", help="Re-run this score run id (its rows are replaced atomically).")] = None,
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", help="Score only partitions with COL=VALUE (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score every row with its partition's champion and write Parquet."""
+    from manymodels.score import score as run_score
+
+    with _errors():
+        summary = run_score(job, data=data, output=output, registry=registry, address=address,
+                            partition_by=_split_cols(partition_by), target=target,
+                            model_version=model_version, train_run=train_run, run_id=run_id, only=only)
+    if as_json:
+        _print_json(summary.to_dict())
+    else:
+        s = summary
+        out.print(f"[bold]{s.job}[/] run {s.run_id}: {s.status} in {s.wall_s:.1f}s — {s.input_rows:,} rows: "
+                  f"{s.scored_rows:,} scored in {s.partitions_scored} partitions, {s.unscored_rows:,} "
+                  f"unscored", highlight=False)
+        for u in s.unscored[:10]:
+            out.print(f"  unscored {json.dumps(u['partition'])} ({u['rows']} rows): {u['reason']}",
+                      highlight=False)
+        if len(s.unscored) > 10:
+            out.print(f"  … and {len(s.unscored) - 10} more (manymodels runs show {s.run_id})")
+        out.print(f"output: {s.output}", highlight=False)
+    raise typer.Exit(summary.exit_code)
+
+
 def _runs_table(rows: list[dict[str, Any]]) -> Table:
     table = Table("run_id", "job", "kind", "status", "started_at", "partitions / rows", "failed",
                   "wall_s", "total_usd")

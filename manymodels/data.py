@@ -29,10 +29,13 @@ __all__ = [
     "Plan",
     "Source",
     "fingerprint",
+    "fingerprint_rows",
     "key_label",
     "open_source",
     "plan_partitions",
     "read_partitions",
+    "row_hashes",
+    "schema_tag",
 ]
 
 Key = tuple[Any, ...]
@@ -203,27 +206,34 @@ def plan_partitions(source: Source, keys: Sequence[str],
     Raises:
         InputError: a file cannot be read, or the data has no rows.
     """
+    file_index = {f: i for i, f in enumerate(source.files)}
+    merged: dict[Key, tuple[int, list[int]]] = {}
+    total = 0
     try:
-        scanned = source.dataset().to_table(columns=[*keys, "__filename"], use_threads=True)
+        # Batch by batch, so the driver's memory grows with the number of partitions, not rows.
+        scanner = source.dataset().scanner(columns=[*keys, "__filename"], use_threads=True)
+        for batch in scanner.to_batches():
+            if batch.num_rows == 0:
+                continue
+            total += batch.num_rows
+            counts = pa.Table.from_batches([batch]).group_by(
+                [*keys, "__filename"], use_threads=False).aggregate([([], "count_all")])
+            key_cols = [counts.column(k).to_pylist() for k in keys]
+            files = counts.column("__filename").to_pylist()
+            rows = counts.column("count_all").to_pylist()
+            for i, fname in enumerate(files):
+                key = tuple(_canon(col[i]) for col in key_cols)
+                n, fl = merged.get(key, (0, []))
+                fl.append(file_index[fname])
+                merged[key] = (n + rows[i], fl)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise InputError(f"cannot read {source.url!r}: {_first_line(exc)}") from None
-    if scanned.num_rows == 0:
+    if total == 0:
         raise InputError(f"data source {source.url!r} has no rows")
-    counts = scanned.group_by([*keys, "__filename"], use_threads=False).aggregate([([], "count_all")])
-    file_index = {f: i for i, f in enumerate(source.files)}
-    key_cols = [counts.column(k).to_pylist() for k in keys]
-    files = counts.column("__filename").to_pylist()
-    rows = counts.column("count_all").to_pylist()
-    merged: dict[Key, tuple[int, list[int]]] = {}
-    for i, fname in enumerate(files):
-        key = tuple(_canon(col[i]) for col in key_cols)
-        n, fl = merged.get(key, (0, []))
-        fl.append(file_index[fname])
-        merged[key] = (n + rows[i], fl)
     parts = [Partition(key=k, rows=n, files=tuple(sorted(set(fl)))) for k, (n, fl) in merged.items()]
     if keep is not None:
         parts = [p for p in parts if keep(p.as_dict(keys))]
-    return Plan(source=source, keys=tuple(keys), partitions=tuple(parts), total_rows=scanned.num_rows)
+    return Plan(source=source, keys=tuple(keys), partitions=tuple(parts), total_rows=total)
 
 
 def _canon(value: Any) -> Any:
@@ -241,8 +251,16 @@ def _key_filter(keys: Sequence[str], wanted: Sequence[Key]) -> ds.Expression:
         present = [v for v in values if v is not None]
         expr = ds.field(name).isin(present) if present else None
         if None in values:
-            null = ds.field(name).is_null()
+            null = ds.field(name).is_null(nan_is_null=True)  # NaN keys are the null partition too
             expr = null if expr is None else (expr | null)
+        if len(present) > 1 and len({type(v) for v in present}) == 1:
+            try:  # a range lets Parquet skip row groups by their statistics; isin alone does not
+                lo, hi = min(present), max(present)
+                rng = (ds.field(name) >= lo) & (ds.field(name) <= hi)
+                expr = rng & expr if None not in values else (rng & expr) | ds.field(name).is_null(
+                    nan_is_null=True)
+            except TypeError:
+                pass
         exprs.append(expr)
     return reduce(lambda a, b: a & b, exprs)
 
@@ -261,6 +279,11 @@ def read_partitions(source: Source, keys: Sequence[str], wanted: Sequence[Key],
     dataset = source.dataset([source.files[i] for i in files])
     table = dataset.to_table(columns=list(columns) if columns is not None else None,
                              filter=_key_filter(keys, wanted), use_threads=False)
+    for name in keys:  # NaN keys are null keys (as in planning): one sort run, one span per partition
+        col = table.column(name)
+        if pa.types.is_floating(col.type):
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col))
     if table.num_rows:
         order = pc.sort_indices(table, sort_keys=[(k, "ascending", "at_end") for k in keys]) \
             if _sort_keys_supported() else pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys])
@@ -297,18 +320,28 @@ def _sort_keys_supported() -> bool:
     return _SORT_KEYS_3
 
 
+def row_hashes(frame: pd.DataFrame) -> np.ndarray:
+    """One 64-bit content hash per row (all columns), computed for a whole chunk at once."""
+    if frame.empty:
+        return np.zeros(0, dtype=np.uint64)
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+
+
+def schema_tag(frame: pd.DataFrame) -> bytes:
+    """The column names and types that take part in a fingerprint."""
+    return "\x1e".join(f"{name}\x1f{dtype}" for name, dtype in frame.dtypes.items()).encode()
+
+
+def fingerprint_rows(hashes: np.ndarray, tag: bytes) -> str:
+    """A partition's fingerprint from its slice of :func:`row_hashes` and the :func:`schema_tag`."""
+    h = hashlib.blake2b(tag, digest_size=16)
+    h.update(np.ascontiguousarray(hashes).tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(frame: pd.DataFrame) -> str:
     """A content hash of a partition's rows as read (column names, types, values, order)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in frame.columns:
-        col = frame[name]
-        h.update(f"{name}\x1f{col.dtype}\x1e".encode())
-        values = col.to_numpy()
-        if values.dtype.kind in "biufcmM":
-            h.update(np.ascontiguousarray(values).tobytes())
-        else:
-            h.update(pd.util.hash_array(values.astype(object)).tobytes())
-    return h.hexdigest()
+    return fingerprint_rows(row_hashes(frame), schema_tag(frame))
 
 
 def key_label(names: Sequence[str], key: Key) -> str:

@@ -68,6 +68,9 @@ def pack_chunks(sizes: Sequence[int], *, slots: int, min_rows: int = 2_000,
     rows = 0
     for i, n in enumerate(sizes):
         if n >= target:
+            if current:  # close the open chunk first, so chunks keep the items' order
+                chunks.append(current)
+                current, rows = [], 0
             chunks.append([i])
             continue
         if current and (rows + n > target or len(current) >= max_items):

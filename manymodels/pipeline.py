@@ -21,6 +21,7 @@ import pandas as pd
 from manymodels.spec import OBJECTIVES_CLASSIFICATION, JobSpec
 
 __all__ = [
+    "FeatureMatrix",
     "PartitionError",
     "PrepareFn",
     "TrainResult",
@@ -125,35 +126,91 @@ def select_features(columns: Sequence[str], dtypes: Sequence[Any], spec: JobSpec
             and not isinstance(t, pd.PeriodDtype)]
 
 
-def prepare_features(frame: pd.DataFrame, features: Sequence[str], spec: JobSpec
-                     ) -> pd.DataFrame | np.ndarray:
-    """The model input: a float matrix when every feature is numeric, else a frame with categoricals.
+@dataclass(frozen=True)
+class FeatureMatrix:
+    """Model input: a float64 matrix, with categorical columns as codes into sorted categories.
 
-    Strings (and ``data.categorical`` columns) become pandas categoricals; LightGBM stores their
-    categories in the model text, so scoring maps values the same way.
+    Attributes:
+        X: rows × features, NaN for missing values.
+        names: feature names, in column order.
+        categorical: names of the categorical features (a subset of ``names``, same order).
+        categories: per categorical feature, its categories (code ``i`` is ``categories[i]``).
+    """
+
+    X: np.ndarray
+    names: tuple[str, ...]
+    categorical: tuple[str, ...]
+    categories: tuple[list[Any], ...]
+
+
+def _is_categorical(series: pd.Series, spec: JobSpec) -> bool:
+    dtype = series.dtype
+    return series.name in spec.data.categorical or isinstance(dtype, pd.CategoricalDtype) or not (
+        pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
+
+
+def _numeric(series: pd.Series) -> np.ndarray:
+    name = series.name
+    if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        raise PartitionError(f"feature column {name!r} is a date/time; derive numbers from it in prepare")
+    try:
+        return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError) as exc:
+        raise PartitionError(f"feature column {name!r} is not numeric: {_one_line(exc)}") from exc
+
+
+def prepare_features(frame: pd.DataFrame, features: Sequence[str], spec: JobSpec,
+                     categories: Sequence[Sequence[Any]] | None = None) -> FeatureMatrix:
+    """Turn feature columns into LightGBM's input without going through pandas categoricals.
+
+    Strings, pandas categoricals and ``data.categorical`` columns are categorical: each value is
+    coded by its position in the sorted list of categories, exactly as pandas' ``astype("category")``
+    would, and that list is stored in the model text (LightGBM's ``pandas_categorical``), so plain
+    LightGBM given a DataFrame with category columns maps values the same way.
+
+    Args:
+        frame: the (prepared) rows.
+        features: feature columns, in model order.
+        spec: the job spec (for ``data.categorical``).
+        categories: when scoring, the model's categories per categorical feature; ``None`` when
+            training (they are learnt from ``frame``). Unknown values become missing.
+
+    Raises:
+        PartitionError: a feature is missing, not numeric, or typed unlike at training time.
     """
     missing = [f for f in features if f not in frame.columns]
     if missing:
         raise PartitionError(f"feature column {missing[0]!r} is missing")
-    sub = frame[list(features)]
-    categorical = set(spec.data.categorical)
-    convert = [c for c in features if c in categorical or not (
-        pd.api.types.is_numeric_dtype(sub[c].dtype) or isinstance(sub[c].dtype, pd.CategoricalDtype))]
-    if not convert:
-        try:
-            return sub.to_numpy(dtype=np.float64, na_value=np.nan)
-        except (TypeError, ValueError) as exc:
-            raise PartitionError(f"features are not numeric: {_one_line(exc)}") from exc
-    for c in convert:
-        if pd.api.types.is_datetime64_any_dtype(sub[c].dtype):
-            raise PartitionError(f"feature column {c!r} is a date/time; derive numbers from it in prepare")
-    sub = sub.copy()
-    for c in convert:
-        sub[c] = sub[c].astype("category")
-    for c in sub.columns:
-        if pd.api.types.is_bool_dtype(sub[c].dtype):
-            sub[c] = sub[c].astype(np.float64)
-    return sub
+    X = np.empty((len(frame), len(features)), dtype=np.float64)
+    cat_names: list[str] = []
+    cat_lists: list[list[Any]] = []
+    for j, name in enumerate(features):
+        col = frame[name]
+        if not _is_categorical(col, spec):
+            X[:, j] = _numeric(col)
+            continue
+        values = col.to_numpy(dtype=object, na_value=None)
+        if categories is None:
+            codes, uniques = pd.factorize(values, sort=True, use_na_sentinel=True)
+            cat_lists.append([_plain_value(u) for u in uniques])
+        else:
+            if len(cat_names) >= len(categories):
+                raise PartitionError(f"feature column {name!r} is categorical here but was numeric "
+                                     "when the model was trained")
+            known = categories[len(cat_names)]
+            codes = pd.Categorical(values, categories=known).codes if known else np.full(len(values), -1)
+        cat_names.append(name)
+        X[:, j] = np.where(codes < 0, np.nan, codes)
+    if categories is not None and len(cat_names) != len(categories):
+        raise PartitionError(f"the model has {len(categories)} categorical features, these rows "
+                             f"{len(cat_names)}: feature types differ from training")
+    return FeatureMatrix(X=X, names=tuple(features), categorical=tuple(cat_names),
+                         categories=tuple(cat_lists) if categories is None else tuple(
+                             list(c) for c in categories))
+
+
+def _plain_value(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
 
 
 def _one_line(exc: BaseException) -> str:
@@ -281,23 +338,24 @@ def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | 
     features = select_features(list(frame.columns), list(frame.dtypes), spec)
     if not features:
         raise PartitionError("no feature columns left after removing keys, target, time and exclude")
-    X = prepare_features(frame, features, spec)
+    fm = prepare_features(frame, features, spec)
     tr, ho = _split(frame, n, spec)
     params = lgb_params(spec, num_threads)
     if spec.model.objective in OBJECTIVES_CLASSIFICATION and spec.model.objective != "cross_entropy":
         classes = np.unique(y_all)
         if spec.model.objective == "binary" and not set(classes.tolist()) <= {0.0, 1.0}:
             raise PartitionError(f"binary target must be 0/1, found {classes[:5].tolist()}")
-    x_tr = X[tr] if isinstance(X, np.ndarray) else X.iloc[tr]
-    x_ho = X[ho] if isinstance(X, np.ndarray) else X.iloc[ho]
+    x_ho, y_ho = fm.X[ho], y_all[ho]
     try:
-        dataset = lgb.Dataset(x_tr, label=y_all[tr], feature_name=list(features),
+        dataset = lgb.Dataset(fm.X[tr], label=y_all[tr], feature_name=list(features),
+                              categorical_feature=list(fm.categorical),
                               params={"verbosity": -1, "seed": spec.validation.seed}, free_raw_data=True)
-        booster = lgb.train(params, dataset)
+        # keep_training_booster: skips lgb.train's model text round trip; the text is made once below.
+        booster = lgb.train(params, dataset, keep_training_booster=True)
     except lgb.basic.LightGBMError as exc:
         raise PartitionError(f"LightGBM: {_one_line(exc)}") from exc
-    y_ho = y_all[ho]
-    pred = np.asarray(booster.predict(x_ho))
+    booster.pandas_categorical = [list(c) for c in fm.categories] if fm.categorical else None
+    pred = np.asarray(booster.predict(x_ho, num_threads=params["num_threads"]))
     metric = compute_metric(spec.metric, y_ho, pred)
     metrics = {spec.metric: metric, "train_rows": float(len(tr)), "holdout_rows": float(len(ho))}
     reason = _gate(metric, spec)
@@ -305,11 +363,12 @@ def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | 
         try:
             old = lgb.Booster(model_str=champion)
             if old.feature_name() == list(features):
-                old_metric = compute_metric(spec.metric, y_ho, np.asarray(old.predict(x_ho)))
+                old_x = prepare_features(frame.iloc[ho], features, spec, old.pandas_categorical or [])
+                old_metric = compute_metric(spec.metric, y_ho, np.asarray(old.predict(old_x.X, num_threads=params["num_threads"])))
                 metrics["champion_" + spec.metric] = old_metric
                 if not reason and _is_worse(metric, old_metric, spec.higher_is_better):
                     reason = f"holdout {spec.metric} {metric:.4g} is worse than the champion's {old_metric:.4g}"
-        except lgb.basic.LightGBMError:
+        except (lgb.basic.LightGBMError, PartitionError):
             pass  # a champion that cannot score this holdout (other features) cannot block promotion
     lo, hi = _time_range(frame, spec)
     return TrainResult(model_str=booster.model_to_string(), metric=metric, metrics=metrics,
@@ -318,19 +377,29 @@ def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | 
 
 
 def predict_partition(frame: pd.DataFrame, spec: JobSpec, booster: lgb.Booster, *,
-                      prepare: PrepareFn | None = None) -> np.ndarray:
+                      prepare: PrepareFn | None = None, features: Sequence[str] | None = None,
+                      num_threads: int = 1) -> np.ndarray:
     """Predictions of ``booster`` for every row of ``frame`` (after the same prepare as training).
 
     Returns a float64 vector: the prediction, the positive-class probability for binary, and the
     most likely class for multiclass.
 
+    Args:
+        frame: the partition's rows.
+        spec: the job spec.
+        booster: the model.
+        prepare: the compiled prepare function.
+        features: the feature columns in model order (from the registry; default: the model's
+            feature names, which LightGBM may have altered, e.g. spaces to underscores).
+        num_threads: LightGBM threads (the task's CPUs; more would oversubscribe the node).
+
     Raises:
         PartitionError: prepare failed or a feature the model needs is missing.
     """
     frame = run_prepare(frame, prepare, same_rows=True)
-    features = booster.feature_name()
-    X = prepare_features(frame, features, spec)
-    pred = np.asarray(booster.predict(X), dtype=np.float64)
+    fm = prepare_features(frame, features or booster.feature_name(), spec,
+                          booster.pandas_categorical or [])
+    pred = np.asarray(booster.predict(fm.X, num_threads=num_threads), dtype=np.float64)
     if pred.ndim == 2:
         pred = pred.argmax(axis=1).astype(np.float64)
     return pred

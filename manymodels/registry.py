@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -87,6 +88,8 @@ def decode_partition(text: str) -> dict[str, Any]:
 def _typed(value: Any) -> str:
     # The type family is part of the identity, so "1" and 1 are different partitions, but an int32
     # Hive folder value and an int64 file column are the same one.
+    if isinstance(value, np.generic):
+        value = value.item()  # numpy scalars (np.int64(1), np.bool_) are their Python values
     if value is None:
         return "n:"
     if isinstance(value, bool):
@@ -318,7 +321,12 @@ class Registry:
 
     # ----------------------------------------------------------------- index writing
     def _events_table(self, events: list[dict[str, Any]]) -> pa.Table:
-        return pa.Table.from_pylist(events, schema=INDEX_SCHEMA)
+        # Rows re-read through pandas carry NaN for nulls (e.g. time_min, previous_version); Arrow
+        # only takes None there. Float columns keep their NaN as it was.
+        nullable = {f.name for f in INDEX_SCHEMA if not pa.types.is_floating(f.type)}
+        clean = [{k: None if k in nullable and isinstance(v, float) and v != v else v
+                  for k, v in e.items()} for e in events]
+        return pa.Table.from_pylist(clean, schema=INDEX_SCHEMA)
 
     def _write_segment(self, job: str, run_id: str, events: list[dict[str, Any]]) -> None:
         seq = time.time_ns()
@@ -359,6 +367,8 @@ class Registry:
                     "reason": nv.reason, "seq": seq})
                 seq += 1
                 assigned[nv.pid] = version
+                # the same partition twice in one batch: the next one follows this one
+                state[nv.pid] = {"champion": events[-1] if nv.promote else champ, "latest": events[-1]}
             self._write_segment(job, new[0].run_id, events)
         return assigned
 

@@ -30,10 +30,12 @@ from manymodels.data import (
     Source,
     check_columns,
     check_numeric,
-    fingerprint,
+    fingerprint_rows,
     open_source,
     plan_partitions,
     read_partitions,
+    row_hashes,
+    schema_tag,
 )
 from manymodels.engine import Engine, TaskResources, pack_chunks
 from manymodels.pipeline import PartitionError, load_prepare, train_partition
@@ -169,6 +171,7 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
         reason = f"cannot read partition data: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return [_outcome(p, res, status="failed", reason=reason) for p in task.partitions]
     store = Store(ctx.registry_url)
+    hashes, tag = row_hashes(frame), schema_tag(frame)  # once per chunk: hashing is vectorised
     threads = max(1, int(res.num_cpus))
     out: list[PartitionOutcome] = []
     for p in task.partitions:
@@ -179,7 +182,7 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
                                                                 "after planning?)"))
             continue
         part = frame.iloc[span[0]:span[1]].reset_index(drop=True)
-        fp = fingerprint(part)
+        fp = fingerprint_rows(hashes[span[0]:span[1]], tag)
         if not ctx.force and p.latest_fingerprint == fp and p.latest_spec_hash == ctx.spec_hash:
             out.append(_outcome(p, res, status="skipped", reason="unchanged data and spec",
                                 rows=len(part), fingerprint=fp,
@@ -188,7 +191,7 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
         try:
             champion = None
             if p.champion_key is not None:
-                champion = (store.read_bytes(p.champion_key).decode(), p.champion_features)
+                champion = store.read_bytes(p.champion_key).decode()
             result = train_partition(part, spec, prepare=prepare, champion=champion, num_threads=threads)
             model_key = Registry.model_key(spec.name, p.pid, ctx.run_id)
             store.write_bytes(model_key, result.model_str.encode())

@@ -1,0 +1,460 @@
+"""Batch scoring: every row scored by its partition's model, written as Parquet analysts can read.
+
+The driver plans partitions from the key columns (the same planning and packing as training), looks
+up each partition's model in the registry index (its champion, a pinned version, or the version a
+given train run produced) and fans chunks out on Ray. Each task reads its rows, runs the job's
+``prepare`` exactly as in training, predicts, and writes one Parquet file into a staging folder. When
+every task is done the run's folder is published in one rename, so readers see all of a run or
+none of it, and a re-run of the same run id swaps its rows atomically.
+
+Output: ``<output.scores>/<job>/score_run_id=<run id>/part-<chunk>.parquet``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from manymodels.cost import Held, JobCost, job_cost, partition_cost
+from manymodels.data import InputError, Plan, Source, check_columns, open_source, plan_partitions, read_partitions
+from manymodels.engine import Engine, TaskResources, pack_chunks
+from manymodels.pipeline import PartitionError, load_prepare, predict_partition
+from manymodels.progress import RunProgress
+from manymodels.registry import Registry, encode_partition, partition_id
+from manymodels.runinfo import environment, new_run_id, utc_now
+from manymodels.spec import JobSpec, SpecError
+from manymodels.storage import Store, StorageError
+from manymodels.train import parse_only, resolve_spec
+
+__all__ = ["ScoreSummary", "score", "score_chunk"]
+
+ROW_GROUP_ROWS = 128 * 1024
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model scores a partition (``version`` 0 is the global fallback model)."""
+
+    model_key: str
+    version: int
+    run_id: str
+    features: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ScorePartition:
+    """A partition to score, with its model (``None``: no model, its rows are unscored)."""
+
+    key: tuple[Any, ...]
+    partition: str
+    rows: int
+    model: ModelRef | None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    """One chunk of partitions for one Ray task."""
+
+    chunk: int
+    partitions: tuple[ScorePartition, ...]
+    files: tuple[int, ...]
+    resources: TaskResources
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What every task of a score run shares."""
+
+    spec: JobSpec
+    source: Source
+    keys: tuple[str, ...]
+    columns: tuple[str, ...] | None
+    keep: tuple[str, ...]
+    registry_url: str
+    staging_url: str
+    run_id: str
+    scored_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    """What happened to one partition's rows."""
+
+    partition: str
+    status: str  # scored | unscored
+    rows: int
+    reason: str = ""
+    model_version: int | None = None
+    wall_s: float = 0.0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory_mb: int = 0
+    node: str = ""
+
+
+@dataclass
+class ScoreSummary:
+    """The result of ``manymodels score`` (``to_dict`` is the contract's ``--json`` object)."""
+
+    run_id: str
+    job: str
+    status: str
+    input_rows: int
+    scored_rows: int
+    partitions_scored: int
+    unscored: list[dict[str, Any]]
+    output: str
+    cost: JobCost
+    wall_s: float
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def unscored_rows(self) -> int:
+        """Rows not in the output (each counted in ``unscored`` with its reason)."""
+        return sum(int(u["rows"]) for u in self.unscored)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when unscored partitions are within ``run.max_failure_fraction``, else 1."""
+        return 0 if self.status == "succeeded" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The contract's ``score --json`` object."""
+        return {"run_id": self.run_id, "job": self.job, "status": self.status, "kind": "score",
+                "rows": {"input": self.input_rows, "scored": self.scored_rows,
+                         "unscored": self.unscored_rows},
+                "partitions_scored": self.partitions_scored, "unscored": self.unscored,
+                "output": self.output, "cost": self.cost.to_dict(), "wall_s": round(self.wall_s, 3),
+                "nodes": self.nodes}
+
+
+def _out(p: ScorePartition, res: TaskResources, **kw: Any) -> ScoreOutcome:
+    return ScoreOutcome(partition=p.partition, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                        memory_mb=res.memory_mb, **kw)
+
+
+def _load_booster(store: Store, ref: ModelRef, cache: dict[str, Any]) -> Any:
+    import lightgbm as lgb
+
+    if ref.model_key not in cache:
+        cache[ref.model_key] = lgb.Booster(model_str=store.read_bytes(ref.model_key).decode())
+    return cache[ref.model_key]
+
+
+def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
+    """Score one chunk and write its rows as one Parquet file in the run's staging folder.
+
+    Idempotent (the file name is the chunk's), so a retried task rewrites the same file.
+    """
+    spec, res = ctx.spec, task.resources
+    try:
+        frame, spans, table = read_partitions(ctx.source, ctx.keys, [p.key for p in task.partitions],
+                                              task.files, ctx.columns)
+        prepare = load_prepare(spec)
+    except Exception as exc:  # unreadable input: every partition's rows are unscored, with why
+        reason = f"cannot read partition data: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return [_out(p, res, status="unscored", rows=p.rows, reason=reason) for p in task.partitions]
+    registry = Store(ctx.registry_url)
+    boosters: dict[str, Any] = {}
+    threads = max(1, int(res.num_cpus))
+    prediction = np.full(table.num_rows, np.nan)
+    version = np.zeros(table.num_rows, dtype=np.int64)
+    run_ids = np.empty(table.num_rows, dtype=object)
+    keep = np.zeros(table.num_rows, dtype=bool)
+    out: list[ScoreOutcome] = []
+    for p in task.partitions:
+        t0 = time.perf_counter()
+        span = spans.get(p.key)
+        if span is None:
+            out.append(_out(p, res, status="unscored", rows=0, reason="no rows found"))
+            continue
+        a, b = span
+        if p.model is None:
+            out.append(_out(p, res, status="unscored", rows=b - a, reason=p.reason))
+            continue
+        try:
+            booster = _load_booster(registry, p.model, boosters)
+            part = frame.iloc[a:b].reset_index(drop=True)
+            pred = predict_partition(part, spec, booster, prepare=prepare, features=p.model.features,
+                                     num_threads=threads)
+        except (PartitionError, StorageError) as exc:
+            out.append(_out(p, res, status="unscored", rows=b - a, reason=str(exc),
+                            wall_s=time.perf_counter() - t0))
+            continue
+        except Exception as exc:  # one partition's failure must not stop the chunk
+            msg = str(exc).strip().splitlines()
+            out.append(_out(p, res, status="unscored", rows=b - a, wall_s=time.perf_counter() - t0,
+                            reason=f"{type(exc).__name__}: {msg[0][:300] if msg else ''}"))
+            continue
+        prediction[a:b] = pred
+        version[a:b] = p.model.version
+        run_ids[a:b] = p.model.run_id
+        keep[a:b] = True
+        out.append(_out(p, res, status="scored", rows=b - a, model_version=p.model.version,
+                        wall_s=time.perf_counter() - t0))
+    if keep.any():
+        mask = pa.array(keep)
+        cols = {name: table.column(name) for name in ctx.keep}
+        n = table.num_rows
+        result = pa.table({
+            **cols,
+            "prediction": pa.array(prediction, pa.float64()),
+            "model_version": pa.array(version, pa.int64()),
+            "model_run_id": pa.array(run_ids, pa.string()),
+            "scored_at": pa.array(np.full(n, np.datetime64(ctx.scored_at.replace(tzinfo=None), "us")),
+                                  pa.timestamp("us", tz="UTC")),
+        }).filter(mask)
+        Store(ctx.staging_url).write_parquet(f"part-{task.chunk:05d}.parquet", result,
+                                             row_group_size=ROW_GROUP_ROWS, compression="zstd")
+    return out
+
+
+def _model_refs(reg: Registry, job: str, keys: Sequence[str], partitions: Sequence[Any],
+                model_version: int | None, train_run: str | None) -> dict[str, ModelRef | str]:
+    """pid → the model that scores it, or the reason it has none."""
+    rows = reg._resolved(job)
+    if not rows.empty and train_run:
+        rows = rows[rows["run_id"] == train_run]
+        if rows.empty:
+            raise SpecError(f"train run {train_run!r} registered no model of job {job!r}")
+    elif not rows.empty and model_version is not None:
+        rows = rows[rows["version"] == model_version]
+    elif not rows.empty:
+        rows = rows[rows["status"] == "champion"]
+    found: dict[str, Any] = {r["pid"]: r for r in rows.to_dict("records")} if not rows.empty else {}
+    if train_run:
+        missing = f"train run {train_run} has no model for it"
+    elif model_version is not None:
+        missing = f"no version {model_version}"
+    else:
+        missing = "no champion"
+    out: dict[str, ModelRef | str] = {}
+    for p in partitions:
+        pid = partition_id(keys, p.key)
+        r = found.get(pid)
+        out[pid] = missing if r is None else ModelRef(
+            model_key=r["model_key"], version=int(r["version"]), run_id=r["run_id"],
+            features=tuple(json.loads(r["features"])))
+    return out
+
+
+def _publish(staging: Store, final_url: str) -> None:
+    """Move the staged run folder to its final place: one rename (an atomic swap on re-runs)."""
+    final = Store(final_url)
+    if staging.local:
+        os.makedirs(os.path.dirname(final.root), exist_ok=True)
+        if not os.path.exists(final.root):
+            os.rename(staging.root, final.root)
+            return
+        if _exchange(staging.root, final.root):
+            _remove_tree(staging.root)  # now holds the previous rows of this run id
+            return
+        old = f"{final.root}.old-{os.getpid()}"
+        os.rename(final.root, old)
+        os.rename(staging.root, final.root)
+        _remove_tree(old)
+        return
+    # Object stores have no rename: copy each object, then drop stale ones (documented caveat:
+    # a reader listing during the copy of a re-run can see old and new files of that run).
+    new = set()
+    for key in staging.list(""):
+        name = key.rsplit("/", 1)[-1]
+        final.write_bytes(name, staging.read_bytes(key))
+        new.add(name)
+    for key in final.list(""):
+        if key.rsplit("/", 1)[-1] not in new:
+            final.delete(key)
+    staging.delete("", recursive=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return bool(fn(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0)
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
+          output: str | None = None, registry: str | None = None, address: str | None = None,
+          partition_by: Sequence[str] | str | None = None, target: str | None = None,
+          model_version: int | None = None, train_run: str | None = None, run_id: str | None = None,
+          only: Sequence[str] | None = None, progress: bool | None = None,
+          num_cpus: int | None = None) -> ScoreSummary:
+    """Score every row of ``data`` with its partition's model and write Parquet.
+
+    Args:
+        spec: a :class:`JobSpec`, a TOML path, or ``None`` (then ``data``, ``partition_by`` and
+            ``target`` name the job as for training).
+        data: the rows to score (default: the spec's ``data.source``).
+        output: where scores go (overrides ``output.scores``).
+        registry: the registry (overrides ``output.registry``).
+        address: Ray to use (``None`` → ``RAY_ADDRESS`` if set, else embedded).
+        model_version: score with this version of every partition instead of its champion.
+        train_run: score with the versions that this train run produced.
+        run_id: re-run (replace the rows of) this score run id; default a new id.
+        only: ``COL=VALUE`` filters on partitions.
+        progress: show a progress bar (``None``: when stderr is a terminal).
+        num_cpus: CPUs of the embedded Ray instance.
+
+    Raises:
+        SpecError, InputError, StorageError: bad spec, data or output, before anything is written.
+    """
+    started = time.perf_counter()
+    spec = resolve_spec(spec, {"data": data, "partition_by": partition_by, "target": target,
+                               "registry": registry, "output": output})
+    if model_version is not None and train_run:
+        raise SpecError("--model-version and --train-run cannot be used together")
+    if run_id is not None and not run_id.replace("-", "").replace("_", "").isalnum():
+        raise SpecError(f"--run-id {run_id!r} may hold only letters, digits, '-' and '_'")
+    try:
+        load_prepare(spec)
+    except SyntaxError as exc:
+        raise SpecError(f"pipeline.prepare {spec.pipeline.prepare!r} does not compile: {exc}") from None
+    except PartitionError as exc:
+        raise SpecError(str(exc)) from None
+    source = open_source(spec.data.source, spec.data.format)
+    d = spec.data
+    check_columns(source, {"partition_by": d.partition_by, "score.passthrough": spec.score.passthrough})
+    plan = plan_partitions(source, d.partition_by, parse_only(only, d.partition_by))
+    if not plan.partitions:
+        raise InputError("no partition matches --only" if only else f"{source.url!r} has no partitions")
+    reg = Registry(spec.output.registry)
+    if not reg.store.exists(f"{spec.name}/index") and not train_run and model_version is None:
+        raise InputError(f"the registry {reg.url} has no models of job {spec.name!r}: train it first")
+    refs = _model_refs(reg, spec.name, plan.keys, plan.partitions, model_version, train_run)
+    scores = Store(spec.output.scores)
+    scores.check_writable()
+    reg.store.check_writable()
+
+    run_id = run_id or new_run_id("score")
+    keys = plan.keys
+    keep = [*keys, *[c for c in spec.score.passthrough if c not in keys]]
+    if d.time_column and d.time_column in source.schema.names and d.time_column not in keep:
+        keep.append(d.time_column)
+    planned = []
+    for p in plan.partitions:
+        ref = refs[partition_id(keys, p.key)]
+        planned.append(ScorePartition(key=p.key, partition=encode_partition(keys, p.key), rows=p.rows,
+                                      model=ref if isinstance(ref, ModelRef) else None,
+                                      reason=ref if isinstance(ref, str) else ""))
+    final_url = scores.uri(f"{spec.name}/score_run_id={run_id}")
+    staging_url = scores.uri(f".staging/{spec.name}/{run_id}-{os.getpid()}")
+    record: dict[str, Any] = {
+        "run_id": run_id, "job": spec.name, "kind": "score", "status": "running",
+        "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
+        "data": source.url, "output": scores.uri(spec.name), "registry": reg.url,
+        "environment": environment(), "model_version": model_version, "train_run": train_run}
+    reg.write_run(spec.name, run_id, record)
+    ctx = ScoreContext(spec=spec, source=source, keys=keys, columns=None, keep=tuple(keep),
+                       registry_url=reg.url, staging_url=staging_url, run_id=run_id,
+                       scored_at=utc_now())
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    outcomes: list[ScoreOutcome] = []
+    nodes: set[str] = set()
+    reserved_cpu_s = reserved_gpu_s = 0.0
+    with Engine(address, num_cpus=num_cpus) as engine:
+        cluster = engine.resources()
+        slots = max(1, int(cluster.get("CPU", 1) / max(spec.resources.num_cpus, 1e-9)))
+        res = TaskResources(spec.resources.num_cpus, spec.resources.num_gpus, spec.resources.memory_mb)
+        tasks = [ScoreTask(chunk=i, partitions=tuple(planned[j] for j in chunk),
+                           files=tuple(sorted({f for j in chunk for f in plan.partitions[j].files})),
+                           resources=res)
+                 for i, chunk in enumerate(pack_chunks([p.rows for p in plan.partitions], slots=slots,
+                                                       min_rows=20_000, max_rows=1_000_000))]
+        engine.warm_up(min(slots, len(tasks)))
+        with RunProgress(f"score {spec.name}", len(planned), progress) as bar:
+            unscored = 0
+            for item in engine.map(score_chunk, tasks, resources=[t.resources for t in tasks],
+                                   shared=ctx, max_retries=spec.run.max_retries):
+                if item is None:
+                    continue
+                i, result, node, task_wall = item
+                reserved_cpu_s += task_wall * tasks[i].resources.num_cpus
+                reserved_gpu_s += task_wall * tasks[i].resources.num_gpus
+                if isinstance(result, BaseException):
+                    reason = f"task failed: {type(result).__name__}: {str(result).splitlines()[0][:200]}"
+                    result = [_out(p, tasks[i].resources, status="unscored", rows=p.rows, reason=reason)
+                              for p in tasks[i].partitions]
+                    # Its rows are unscored: a staged file from an earlier attempt must not publish them.
+                    Store(staging_url).delete(f"part-{tasks[i].chunk:05d}.parquet")
+                if node:
+                    nodes.add(node)
+                for o in result:
+                    outcomes.append(dataclasses.replace(o, node=node))
+                    unscored += o.status != "scored"
+                bar.update(len(outcomes), unscored)
+        embedded = engine.embedded
+    staging = Store(staging_url)
+    if staging.local:
+        os.makedirs(staging.root, exist_ok=True)  # a run that scored nothing still replaces old rows
+    _publish(staging, final_url)
+    wall = time.perf_counter() - started
+    held = (Held(cpus=cluster.get("CPU", 0.0), gpus=cluster.get("GPU", 0.0)) if embedded else
+            Held(cpus=reserved_cpu_s / wall, gpus=reserved_gpu_s / wall))
+    return _finish(reg, spec, run_id, record, outcomes, sorted(nodes), held, wall, plan, final_url)
+
+
+SCORE_PARTITION_SCHEMA = pa.schema([
+    ("partition", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("rows", pa.int64()),
+    ("model_version", pa.int64()), ("wall_s", pa.float64()), ("num_cpus", pa.float64()),
+    ("num_gpus", pa.float64()), ("memory_mb", pa.int64()), ("cpu_seconds", pa.float64()),
+    ("gpu_seconds", pa.float64()), ("cost_usd", pa.float64()), ("node", pa.string()),
+])
+
+
+def _finish(reg: Registry, spec: JobSpec, run_id: str, record: Mapping[str, Any],
+            outcomes: Sequence[ScoreOutcome], nodes: list[str], held: Held, wall: float, plan: Plan,
+            output: str) -> ScoreSummary:
+    costs = [partition_cost(o.wall_s, o.num_cpus, o.num_gpus, o.memory_mb, spec.cost) for o in outcomes]
+    cost = job_cost(wall, held, costs, spec.cost)
+    unscored = [{"partition": json.loads(o.partition), "rows": o.rows, "reason": o.reason}
+                for o in outcomes if o.status != "scored"]
+    # Rows the plan counted but no task reported (cannot happen unless data changed underfoot)
+    # are unscored too: input = scored + unscored holds by construction.
+    scored_rows = sum(o.rows for o in outcomes if o.status == "scored")
+    reported = scored_rows + sum(u["rows"] for u in unscored)
+    if reported < plan.total_rows:
+        unscored.append({"partition": None, "rows": plan.total_rows - reported,
+                         "reason": "rows not reported by any task (the data changed while scoring?)"})
+    total = len(plan.partitions)
+    failed = sum(1 for o in outcomes if o.status != "scored")
+    status = "succeeded" if failed <= spec.run.max_failure_fraction * total else "failed"
+    summary = ScoreSummary(run_id=run_id, job=spec.name, status=status, input_rows=plan.total_rows,
+                           scored_rows=scored_rows,
+                           partitions_scored=sum(o.status == "scored" for o in outcomes),
+                           unscored=unscored, output=output, cost=cost, wall_s=wall, nodes=nodes)
+    rows = [{"partition": o.partition, "status": o.status, "reason": o.reason, "rows": o.rows,
+             "model_version": o.model_version, "wall_s": o.wall_s, "num_cpus": o.num_cpus,
+             "num_gpus": o.num_gpus, "memory_mb": o.memory_mb, "cpu_seconds": c.cpu_seconds,
+             "gpu_seconds": c.gpu_seconds, "cost_usd": c.cost_usd, "node": o.node}
+            for o, c in zip(outcomes, costs, strict=True)]
+    full = {**record, **summary.to_dict(), "finished_at": utc_now().isoformat()}
+    reg.write_run(spec.name, run_id, full, pa.Table.from_pylist(rows, schema=SCORE_PARTITION_SCHEMA))
+    return summary

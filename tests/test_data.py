@@ -1,0 +1,448 @@
+"""Tests of data access and partition planning (manymodels.data) on real files."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from manymodels.data import (
+    InputError,
+    Plan,
+    Source,
+    check_columns,
+    check_numeric,
+    fingerprint,
+    key_label,
+    open_source,
+    plan_partitions,
+    read_partitions,
+)
+
+LONG = "L" * 300
+HIVE_LONG = "H" * 240  # a Hive folder name is one path component: at most 255 bytes on most filesystems
+HOSTILE = ["../x", "a/b", "Zürich 東京", "with spaces here", "plain", None]
+
+
+def norm(value: Any) -> Any:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def expected_counts(df: pd.DataFrame, keys: Sequence[str]) -> dict[tuple[Any, ...], int]:
+    """Row count per partition, by pandas (null keys kept as their own group)."""
+    sizes = df.groupby(list(keys), dropna=False, sort=False).size()
+    out: dict[tuple[Any, ...], int] = {}
+    for key, n in sizes.items():
+        tup = key if isinstance(key, tuple) else (key,)
+        out[tuple(norm(v) for v in tup)] = int(n)
+    return out
+
+
+def rows_of(df: pd.DataFrame, keys: Sequence[str], key: tuple[Any, ...]) -> pd.DataFrame:
+    mask = np.ones(len(df), dtype=bool)
+    for name, value in zip(keys, key, strict=True):
+        col = df[name]
+        mask &= col.isna().to_numpy() if value is None else (col == value).fillna(False).to_numpy(bool)
+    return df[mask]
+
+
+def plan_counts(plan: Plan) -> dict[tuple[Any, ...], int]:
+    counts = {p.key: p.rows for p in plan.partitions}
+    assert len(counts) == len(plan.partitions), "a partition is listed twice"
+    return counts
+
+
+def make_frame(values: Sequence[Any], n: int = 300, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    keys = [values[i] for i in rng.integers(0, len(values), n)]
+    return pd.DataFrame({
+        "k": pd.array(keys, dtype=object),
+        "seq": np.arange(n, dtype=np.int64),  # row order marker
+        "x": rng.normal(size=n),
+        "y": rng.normal(size=n),
+    })
+
+
+def check_read(source: Source, plan: Plan, df: pd.DataFrame, wanted: Sequence[tuple[Any, ...]]) -> None:
+    """read_partitions of ``wanted`` gives exactly their rows, each in its original order."""
+    keys = plan.keys
+    by_key = {p.key: p for p in plan.partitions}
+    files = sorted({f for w in wanted for f in by_key[w].files})
+    frame, spans, table = read_partitions(source, keys, wanted, files)
+    assert set(spans) == set(wanted)
+    assert table.num_rows == len(frame)
+    covered = 0
+    for key in wanted:
+        start, stop = spans[key]
+        part = frame.iloc[start:stop]
+        expected = rows_of(df, keys, key)
+        assert len(part) == len(expected) == by_key[key].rows
+        assert part["seq"].tolist() == expected["seq"].tolist()  # same rows, same order
+        np.testing.assert_array_equal(part["y"].to_numpy(), expected["y"].to_numpy())
+        for name, value in zip(keys, key, strict=True):
+            assert [norm(v) for v in part[name]] == [value] * len(part)
+        covered += stop - start
+    assert covered == sum(by_key[w].rows for w in wanted)
+    others = set(df["seq"]) - {s for w in wanted for s in rows_of(df, keys, w)["seq"]}
+    in_spans = {s for w in wanted for s in frame["seq"].iloc[spans[w][0]:spans[w][1]]}
+    assert not in_spans & others
+
+
+# ----------------------------------------------------------------------------- single file
+
+
+@pytest.fixture
+def single(tmp_path: Path) -> tuple[str, pd.DataFrame]:
+    df = make_frame([*HOSTILE, LONG])
+    path = tmp_path / "one.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
+    return str(path), df
+
+
+def test_single_file_plan(single: tuple[str, pd.DataFrame]) -> None:
+    url, df = single
+    source = open_source(url)
+    assert source.format == "parquet" and len(source.files) == 1 and source.hive_fields == ()
+    plan = plan_partitions(source, ["k"])
+    assert plan_counts(plan) == expected_counts(df, ["k"])
+    assert plan.total_rows == len(df)
+    assert (None,) in plan_counts(plan) and (LONG,) in plan_counts(plan)
+    assert all(p.files == (0,) for p in plan.partitions)
+    # data order: first appearance
+    first_seen = list(dict.fromkeys(norm(v) for v in df["k"]))
+    assert [p.key[0] for p in plan.partitions] == first_seen
+
+
+def test_single_file_read_subset(single: tuple[str, pd.DataFrame]) -> None:
+    url, df = single
+    source = open_source(url)
+    plan = plan_partitions(source, ["k"])
+    check_read(source, plan, df, [(None,), ("../x",), (LONG,)])
+    check_read(source, plan, df, [("Zürich 東京",)])
+    check_read(source, plan, df, [p.key for p in plan.partitions])
+
+
+def test_keep_predicate(single: tuple[str, pd.DataFrame]) -> None:
+    url, df = single
+    source = open_source(url)
+    plan = plan_partitions(source, ["k"], keep=lambda d: d["k"] in ("a/b", None))
+    kept = {("a/b",), (None,)}
+    assert plan_counts(plan) == {k: v for k, v in expected_counts(df, ["k"]).items() if k in kept}
+    assert plan_partitions(source, ["k"], keep=lambda d: False).partitions == ()
+
+
+def test_partition_as_dict_and_label(single: tuple[str, pd.DataFrame]) -> None:
+    plan = plan_partitions(open_source(single[0]), ["k"])
+    p = next(p for p in plan.partitions if p.key == ("a/b",))
+    assert p.as_dict(["k"]) == {"k": "a/b"}
+    assert key_label(["k"], p.key) == "k=a/b"
+
+
+# ----------------------------------------------------------------------------- directory of files
+
+
+@pytest.fixture
+def sorted_dir(tmp_path: Path) -> tuple[str, pd.DataFrame]:
+    values = [f"s{i:02d}" for i in range(12)]
+    df = make_frame(values, n=600).sort_values("k", kind="stable").reset_index(drop=True)
+    df["seq"] = np.arange(len(df))
+    folder = tmp_path / "sorted"
+    folder.mkdir()
+    for i, chunk in enumerate(np.array_split(np.array(values), 4)):
+        part = df[df["k"].isin(chunk)]
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), folder / f"part-{i}.parquet")
+    (folder / "_SUCCESS").write_bytes(b"")
+    (folder / ".hidden.parquet").write_bytes(b"not parquet")
+    return str(folder), df
+
+
+def test_sorted_directory(sorted_dir: tuple[str, pd.DataFrame]) -> None:
+    url, df = sorted_dir
+    source = open_source(url)
+    assert len(source.files) == 4  # _SUCCESS and hidden files are not data
+    plan = plan_partitions(source, ["k"])
+    assert plan_counts(plan) == expected_counts(df, ["k"])
+    for p in plan.partitions:
+        assert len(p.files) == 1
+        holder = source.files[p.files[0]]
+        table = pq.read_table(holder)
+        assert p.key[0] in table.column("k").to_pylist()
+    # a partition's file is the only one read
+    check_read(source, plan, df, [("s00",), ("s07",), ("s11",)])
+
+
+def test_unsorted_directory_partition_in_several_files(tmp_path: Path) -> None:
+    df = make_frame(["a", "b", None, "c"], n=400)
+    folder = tmp_path / "unsorted"
+    folder.mkdir()
+    for i in range(4):  # contiguous row blocks: file order is row order
+        part = df.iloc[i * 100:(i + 1) * 100]
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), folder / f"part-{i}.parquet")
+    pq.write_table(pa.Table.from_pandas(df[df["k"] == "c"].iloc[:0], preserve_index=False),
+                   folder / "part-9-empty.parquet")
+    source = open_source(str(folder))
+    plan = plan_partitions(source, ["k"])
+    assert plan_counts(plan) == expected_counts(df, ["k"])
+    for p in plan.partitions:
+        holders = {i for i in range(4) if len(rows_of(df.iloc[i * 100:(i + 1) * 100], ["k"], p.key))}
+        assert {source.files[f] for f in p.files} == {str(folder / f"part-{i}.parquet") for i in holders}
+    check_read(source, plan, df, [("a",), (None,)])
+
+
+# ----------------------------------------------------------------------------- Hive folders
+
+
+@pytest.fixture
+def hive(tmp_path: Path) -> tuple[str, pd.DataFrame]:
+    df = make_frame([*HOSTILE, HIVE_LONG], n=400)
+    folder = tmp_path / "hive"
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    ds.write_dataset(table, folder, format="parquet",
+                     partitioning=ds.partitioning(pa.schema([("k", pa.string())]), flavor="hive"))
+    return str(folder), df
+
+
+def test_hive_layout_is_what_we_think(hive: tuple[str, pd.DataFrame]) -> None:
+    folder = Path(hive[0])
+    names = {p.name for p in folder.iterdir()}
+    assert "k=__HIVE_DEFAULT_PARTITION__" in names
+    assert "k=..%2Fx" in names and "k=a%2Fb" in names
+
+
+def test_hive_plan(hive: tuple[str, pd.DataFrame]) -> None:
+    url, df = hive
+    source = open_source(url)
+    assert source.hive_fields == (("k", "string"),)
+    assert "k" in source.schema.names
+    plan = plan_partitions(source, ["k"])
+    assert plan_counts(plan) == expected_counts(df, ["k"])
+    assert (None,) in plan_counts(plan)  # __HIVE_DEFAULT_PARTITION__ is the null key
+    assert ("__HIVE_DEFAULT_PARTITION__",) not in plan_counts(plan)
+    for p in plan.partitions:
+        assert len(p.files) == 1
+    check_columns(source, {"partition_by": ["k"], "target": ["y"]})
+
+
+def test_hive_read_subset(hive: tuple[str, pd.DataFrame]) -> None:
+    url, df = hive
+    source = open_source(url)
+    plan = plan_partitions(source, ["k"])
+    check_read(source, plan, df, [(None,), ("../x",), ("a/b",)])
+    check_read(source, plan, df, [("Zürich 東京",), ("with spaces here",), (HIVE_LONG,)])
+
+
+def test_hive_integer_keys(tmp_path: Path) -> None:
+    df = pd.DataFrame({"zone": np.repeat([3, 1, 2], [5, 7, 9]), "seq": np.arange(21), "y": np.arange(21.0)})
+    folder = tmp_path / "ints"
+    ds.write_dataset(pa.Table.from_pandas(df, preserve_index=False), folder, format="parquet",
+                     partitioning=ds.partitioning(pa.schema([("zone", pa.int64())]), flavor="hive"))
+    source = open_source(str(folder))
+    plan = plan_partitions(source, ["zone"])
+    assert plan_counts(plan) == {(3,): 5, (1,): 7, (2,): 9}
+    assert all(type(p.key[0]) is int for p in plan.partitions)
+    check_read(source, plan, df, [(1,), (3,)])
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def test_csv(tmp_path: Path) -> None:
+    df = make_frame(["north", "south", "Zürich 東京", "with spaces"], n=200)
+    path = tmp_path / "rows.csv"
+    df.to_csv(path, index=False)
+    source = open_source(str(path))
+    assert source.format == "csv"
+    plan = plan_partitions(source, ["k"])
+    assert plan_counts(plan) == expected_counts(df, ["k"])
+    check_read(source, plan, df, [("south",), ("Zürich 東京",)])
+    check_numeric(source, "y", "target")
+
+
+def test_csv_directory_and_empty_key(tmp_path: Path) -> None:
+    folder = tmp_path / "csvs"
+    folder.mkdir()
+    (folder / "a.csv").write_text("k,seq,y\nx,0,1.5\n,1,2.5\n")
+    (folder / "b.csv").write_text("k,seq,y\nx,2,3.5\nz,3,4.5\n")
+    source = open_source(str(folder))
+    assert source.format == "csv" and len(source.files) == 2
+    plan = plan_partitions(source, ["k"])
+    assert plan_counts(plan) == {("x",): 2, (None,): 1, ("z",): 1}
+    assert next(p for p in plan.partitions if p.key == ("x",)).files == (0, 1)
+
+
+def test_csv_ragged_rows(tmp_path: Path) -> None:
+    path = tmp_path / "ragged.csv"
+    path.write_text("k,y\na,1\nb,2,3\na,4\n")
+    with pytest.raises(InputError, match=r"ragged\.csv"):
+        plan_partitions(open_source(str(path)), ["k"])
+
+
+def test_csv_ragged_row_after_first_block(tmp_path: Path) -> None:
+    path = tmp_path / "late-ragged.csv"
+    lines = ["k,y", *(f"s{i % 7},{i}" for i in range(120_000)), "a,1,2"]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"late-ragged\.csv"):
+        plan_partitions(open_source(str(path)), ["k"])
+
+
+# ----------------------------------------------------------------------------- multi-column keys
+
+
+@pytest.fixture
+def multi(tmp_path: Path) -> tuple[str, pd.DataFrame]:
+    rng = np.random.default_rng(7)
+    n = 500
+    a = pd.array([[None, "x", "y", "../z"][i] for i in rng.integers(0, 4, n)], dtype=object)
+    b = pd.array([[None, 1, 2][i] for i in rng.integers(0, 3, n)], dtype="Int64")
+    df = pd.DataFrame({"a": a, "b": b, "seq": np.arange(n), "y": rng.normal(size=n)})
+    path = tmp_path / "multi.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
+    return str(path), df
+
+
+def test_multi_column_keys_with_nulls(multi: tuple[str, pd.DataFrame]) -> None:
+    url, df = multi
+    source = open_source(url)
+    plan = plan_partitions(source, ["a", "b"])
+    counts = plan_counts(plan)
+    assert counts == expected_counts(df, ["a", "b"])
+    assert len(counts) == 12
+    for key in [(None, 1), ("x", None), (None, None)]:
+        assert key in counts
+    check_read(source, plan, df, [(None, 1), ("x", None), (None, None), ("../z", 2)])
+    check_read(source, plan, df, [("x", 1)])  # ("x", None) and (None, 1) rows are left out
+
+
+def test_multi_column_keep(multi: tuple[str, pd.DataFrame]) -> None:
+    source = open_source(multi[0])
+    plan = plan_partitions(source, ["a", "b"], keep=lambda d: d["b"] is None)
+    assert {p.key[1] for p in plan.partitions} == {None}
+    assert len(plan.partitions) == 4
+
+
+def test_nan_float_key_is_the_null_partition(tmp_path: Path) -> None:
+    # Writers other than pandas keep NaN in float columns; pandas groups NaN with nulls.
+    k = pa.array([1.5, float("nan"), None, 1.5, float("nan"), None, 2.5], pa.float64())
+    table = pa.table({"k": k, "g": ["p", "q", "p", "q", "p", "q", "p"], "seq": list(range(7)),
+                      "y": [float(i) for i in range(7)]})
+    path = tmp_path / "nan.parquet"
+    pq.write_table(table, path)
+    df = table.to_pandas()
+    source = open_source(str(path))
+    plan = plan_partitions(source, ["k"])
+    assert plan_counts(plan) == expected_counts(df, ["k"]) == {(1.5,): 2, (None,): 4, (2.5,): 1}
+    check_read(source, plan, df, [(None,)])
+    plan2 = plan_partitions(source, ["k", "g"])
+    assert plan_counts(plan2) == expected_counts(df, ["k", "g"])
+    check_read(source, plan2, df, [(None, "p"), (None, "q")])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_source(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        open_source(str(tmp_path / "nope"))
+
+
+def test_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no data files"):
+        open_source(str(tmp_path / "empty"))
+
+
+def test_garbage_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"this is not parquet at all" * 10)
+    with pytest.raises(InputError, match=r"bad\.parquet"):
+        plan_partitions(open_source(str(path)), ["k"])
+
+
+def test_garbage_file_among_good_ones(tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    pq.write_table(pa.table({"k": ["a"], "y": [1.0]}), folder / "a.parquet")
+    (folder / "b.parquet").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(InputError):
+        plan_partitions(open_source(str(folder)), ["k"])
+
+
+def test_zero_row_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"k": pa.array([], pa.string()), "y": pa.array([], pa.float64())}), path)
+    source = open_source(str(path))
+    with pytest.raises(InputError, match="no rows"):
+        plan_partitions(source, ["k"])
+
+
+def test_missing_columns_named(single: tuple[str, pd.DataFrame]) -> None:
+    source = open_source(single[0])
+    check_columns(source, {"partition_by": ["k"], "target": ["y"], "time_column": [""]})
+    with pytest.raises(InputError, match="'station'") as info:
+        check_columns(source, {"partition_by": ["station"], "target": ["y"]})
+    assert "partition_by" in str(info.value)
+    with pytest.raises(InputError, match="'delay_min'") as info:
+        check_columns(source, {"partition_by": ["k"], "target": ["delay_min"]})
+    assert "target" in str(info.value)
+
+
+def test_string_target_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"k": ["a", "b"], "y": ["1.0", "2.0"], "n": [1, 2], "f": [0.5, 1.5],
+                             "b": [True, False]}), path)
+    source = open_source(str(path))
+    with pytest.raises(InputError, match="'y'"):
+        check_numeric(source, "y", "target")
+    for col in ("n", "f", "b"):
+        check_numeric(source, col, "target")
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def test_fingerprint(single: tuple[str, pd.DataFrame]) -> None:
+    url, _ = single
+    source = open_source(url)
+    plan = plan_partitions(source, ["k"])
+    key = ("plain",)
+    frame, spans, _ = read_partitions(source, ["k"], [key], [0])
+    part = frame.iloc[spans[key][0]:spans[key][1]]
+    again, spans2, _ = read_partitions(source, ["k"], [key, (None,)], [0])
+    part2 = again.iloc[spans2[key][0]:spans2[key][1]]
+    fp = fingerprint(part)
+    assert fp == fingerprint(part2) == fingerprint(part.reset_index(drop=True)) == fingerprint(part.copy())
+    assert len(plan.partitions) > 1
+
+    changed = part.reset_index(drop=True).copy()
+    changed.loc[3, "y"] = changed.loc[3, "y"] + 1e-9
+    assert fingerprint(changed) != fp
+    assert fingerprint(part.iloc[::-1]) != fp
+    assert fingerprint(part.rename(columns={"y": "target"})) != fp
+    assert fingerprint(part.iloc[:-1]) != fp
+    swapped = part.reset_index(drop=True).copy()
+    swapped.loc[0, "k"] = "plain2"
+    assert fingerprint(swapped) != fp
+
+
+def test_fingerprint_same_rows_different_files(tmp_path: Path) -> None:
+    df = pd.DataFrame({"k": ["a", "a", "b"], "x": [1.0, 2.0, 3.0], "y": [0.1, 0.2, 0.3]})
+    for name in ("one", "two"):
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / f"{name}.parquet")
+    prints = []
+    for name in ("one", "two"):
+        source = open_source(str(tmp_path / f"{name}.parquet"))
+        frame, spans, _ = read_partitions(source, ["k"], [("a",)], [0])
+        prints.append(fingerprint(frame.iloc[spans[("a",)][0]:spans[("a",)][1]]))
+    assert prints[0] == prints[1]
