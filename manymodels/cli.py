@@ -37,7 +37,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 JobOpt = Annotated[Path | None, typer.Option("--job", help="Job spec TOML file.", dir_okay=False)]
 DataOpt = Annotated[str | None, typer.Option("--data", help="Input data URL (overrides data.source).")]
-RegistryOpt = Annotated[str | None, typer.Option("--registry", help="Registry URL (overrides output.registry).")]
+RegistryOpt = Annotated[str | None, typer.Option(
+    "--registry", help="Registry URL (overrides output.registry).")]
 AddressOpt = Annotated[str | None, typer.Option(
     "--address", help="Ray to join: auto, HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS, else "
                       "a new embedded local Ray).")]
@@ -121,7 +122,8 @@ def train(
 def score(
     job: JobOpt = None,
     data: DataOpt = None,
-    output: Annotated[str | None, typer.Option("--output", help="Scores URL (overrides output.scores).")] = None,
+    output: Annotated[str | None, typer.Option(
+        "--output", help="Scores URL (overrides output.scores).")] = None,
     registry: RegistryOpt = None,
     address: AddressOpt = None,
     partition_by: Annotated[str | None, typer.Option(
@@ -198,8 +200,9 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run id.")], regist
     part_rows: list[dict[str, Any]] = []
     if parts is not None:
         for r in parts.to_dict("records"):
-            r["partition"] = json.loads(r["partition"])
-            part_rows.append({k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()})
+            row = {str(k): (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+            row["partition"] = json.loads(str(row["partition"]))
+            part_rows.append(row)
     if as_json:
         # The contract's "partitions" here is the per-partition list; a train summary's counts object
         # of the same name moves to "partition_counts".
@@ -209,8 +212,9 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run id.")], regist
     out.print(_runs_table([record]))
     cost = record.get("cost") or {}
     if cost:
-        out.print(f"cost: total ${cost.get('total_usd', 0):.6f} = attributed ${cost.get('attributed_usd', 0):.6f}"
-                  f" + overhead ${cost.get('overhead_usd', 0):.6f}; cpu_seconds {cost.get('cpu_seconds', 0):.1f},"
+        out.print(f"cost: total ${cost.get('total_usd', 0):.6f} = attributed "
+                  f"${cost.get('attributed_usd', 0):.6f} + overhead ${cost.get('overhead_usd', 0):.6f}; "
+                  f"cpu_seconds {cost.get('cpu_seconds', 0):.1f},"
                   f" gpu_seconds {cost.get('gpu_seconds', 0):.1f}, utilisation "
                   f"{cost.get('utilisation', 0):.0%}", highlight=False)
     failures = record.get("failures") or record.get("unscored") or []
@@ -220,9 +224,9 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run id.")], regist
         top = sorted(part_rows, key=lambda r: r.get("cost_usd") or 0.0, reverse=True)[:10]
         table = Table("partition", "status", "rows", "wall_s", "cpu_seconds", "gpu_seconds", "cost_usd",
                       title="most expensive partitions")
-        for r in top:
-            table.add_row(json.dumps(r["partition"]), r["status"], str(r["rows"]), f"{r['wall_s']:.3f}",
-                          f"{r['cpu_seconds']:.3f}", f"{r['gpu_seconds']:.3f}", f"{r['cost_usd']:.8f}")
+        for t in top:
+            table.add_row(json.dumps(t["partition"]), t["status"], str(t["rows"]), f"{t['wall_s']:.3f}",
+                          f"{t['cpu_seconds']:.3f}", f"{t['gpu_seconds']:.3f}", f"{t['cost_usd']:.8f}")
         out.print(table)
 
 

@@ -261,6 +261,7 @@ def _key_filter(keys: Sequence[str], wanted: Sequence[Key]) -> ds.Expression:
                     nan_is_null=True)
             except TypeError:
                 pass
+        assert expr is not None  # every key has a value or a null in a non-empty chunk
         exprs.append(expr)
     return reduce(lambda a, b: a & b, exprs)
 

@@ -189,7 +189,7 @@ def prepare_features(frame: pd.DataFrame, features: Sequence[str], spec: JobSpec
         if not _is_categorical(col, spec):
             X[:, j] = _numeric(col)
             continue
-        values = col.to_numpy(dtype=object, na_value=None)
+        values = np.asarray(col.astype(object).where(col.notna(), None))
         if categories is None:
             codes, uniques = pd.factorize(values, sort=True, use_na_sentinel=True)
             cat_lists.append([_plain_value(u) for u in uniques])
@@ -364,10 +364,12 @@ def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | 
             old = lgb.Booster(model_str=champion)
             if old.feature_name() == list(features):
                 old_x = prepare_features(frame.iloc[ho], features, spec, old.pandas_categorical or [])
-                old_metric = compute_metric(spec.metric, y_ho, np.asarray(old.predict(old_x.X, num_threads=params["num_threads"])))
+                old_pred = old.predict(old_x.X, num_threads=params["num_threads"])
+                old_metric = compute_metric(spec.metric, y_ho, np.asarray(old_pred))
                 metrics["champion_" + spec.metric] = old_metric
                 if not reason and _is_worse(metric, old_metric, spec.higher_is_better):
-                    reason = f"holdout {spec.metric} {metric:.4g} is worse than the champion's {old_metric:.4g}"
+                    reason = (f"holdout {spec.metric} {metric:.4g} is worse than the champion's "
+                              f"{old_metric:.4g}")
         except (lgb.basic.LightGBMError, PartitionError):
             pass  # a champion that cannot score this holdout (other features) cannot block promotion
     lo, hi = _time_range(frame, spec)

@@ -10,6 +10,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -32,7 +33,7 @@ class RunProgress:
         self.total = total
         self.label = label
         self._progress: Progress | None = None
-        self._task = 0
+        self._task: TaskID | None = None
 
     def __enter__(self) -> RunProgress:
         if self.enabled:
@@ -47,7 +48,7 @@ class RunProgress:
 
     def update(self, done: int, failed: int) -> None:
         """Set the counts of finished (any outcome) and failed partitions."""
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=done, failed=failed)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

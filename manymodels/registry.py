@@ -17,6 +17,7 @@ wins, and the segments are compacted into one at the end of every run.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as dt
 import hashlib
@@ -212,7 +213,8 @@ class Registry:
             break
         frames = [cache[n] for n in sorted(cache)]
         if not frames:
-            return INDEX_SCHEMA.empty_table().to_pandas()
+            empty: pd.DataFrame = INDEX_SCHEMA.empty_table().to_pandas()
+            return empty
         return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
     def _resolved(self, job: str) -> pd.DataFrame:
@@ -223,7 +225,7 @@ class Registry:
         events = events.sort_values("seq", kind="stable")
         return events.drop_duplicates(["pid", "version"], keep="last").reset_index(drop=True)
 
-    def _to_version(self, job: str, row: Mapping[str, Any]) -> ModelVersion:
+    def _to_version(self, job: str, row: Mapping[Any, Any]) -> ModelVersion:
         def opt(v: Any) -> Any:
             return None if v is None or (isinstance(v, float) and pd.isna(v)) else v
 
@@ -246,7 +248,7 @@ class Registry:
                 or self.store.exists(f"{k}/runs")]
 
     def list(self, job: str, *, partition: Mapping[str, Any] | None = None,
-             all_versions: bool = False) -> list[ModelVersion]:
+             all_versions: bool = False) -> builtins.list[ModelVersion]:
         """Champions of ``job`` (one per partition), or every version with ``all_versions``.
 
         Args:
@@ -320,7 +322,7 @@ class Registry:
         return out
 
     # ----------------------------------------------------------------- index writing
-    def _events_table(self, events: list[dict[str, Any]]) -> pa.Table:
+    def _events_table(self, events: Sequence[Mapping[Any, Any]]) -> pa.Table:
         # Rows re-read through pandas carry NaN for nulls (e.g. time_min, previous_version); Arrow
         # only takes None there. Float columns keep their NaN as it was.
         nullable = {f.name for f in INDEX_SCHEMA if not pa.types.is_floating(f.type)}
@@ -328,7 +330,7 @@ class Registry:
                   for k, v in e.items()} for e in events]
         return pa.Table.from_pylist(clean, schema=INDEX_SCHEMA)
 
-    def _write_segment(self, job: str, run_id: str, events: list[dict[str, Any]]) -> None:
+    def _write_segment(self, job: str, run_id: str, events: Sequence[Mapping[Any, Any]]) -> None:
         seq = time.time_ns()
         name = f"{job}/index/seg-{seq:020d}-{run_id}-{uuid.uuid4().hex[:6]}.parquet"
         self.store.write_parquet(name, self._events_table(events))
@@ -345,7 +347,7 @@ class Registry:
             return {}
         with self.store.lock(f"{job}/index.lock"):
             state = self.state(job)
-            events: list[dict[str, Any]] = []
+            events: builtins.list[dict[str, Any]] = []
             assigned: dict[str, int] = {}
             seq = time.time_ns()
             for nv in new:
@@ -372,7 +374,7 @@ class Registry:
             self._write_segment(job, new[0].run_id, events)
         return assigned
 
-    def _set_status(self, job: str, changes: list[tuple[dict[str, Any], str]], tag: str) -> None:
+    def _set_status(self, job: str, changes: Sequence[tuple[Mapping[Any, Any], str]], tag: str) -> None:
         seq = time.time_ns()
         events = [{**row, "status": status, "seq": seq + i} for i, (row, status) in enumerate(changes)]
         self._write_segment(job, tag, events)
@@ -418,7 +420,7 @@ class Registry:
         self.store.write_bytes(self.run_key(job, run_id),
                                json.dumps(record, indent=2, default=str).encode())
 
-    def runs(self, job: str | None = None) -> list[dict[str, Any]]:
+    def runs(self, job: str | None = None) -> builtins.list[dict[str, Any]]:
         """Run summaries, newest first (of one job, or of every job in the registry)."""
         jobs = [job] if job else self.jobs()
         out = []

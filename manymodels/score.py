@@ -26,14 +26,22 @@ import numpy as np
 import pyarrow as pa
 
 from manymodels.cost import Held, JobCost, job_cost, partition_cost
-from manymodels.data import InputError, Plan, Source, check_columns, open_source, plan_partitions, read_partitions
+from manymodels.data import (
+    InputError,
+    Plan,
+    Source,
+    check_columns,
+    open_source,
+    plan_partitions,
+    read_partitions,
+)
 from manymodels.engine import Engine, TaskResources, pack_chunks
 from manymodels.pipeline import PartitionError, load_prepare, predict_partition
 from manymodels.progress import RunProgress
 from manymodels.registry import Registry, encode_partition, partition_id
 from manymodels.runinfo import environment, new_run_id, utc_now
 from manymodels.spec import JobSpec, SpecError
-from manymodels.storage import Store, StorageError
+from manymodels.storage import StorageError, Store
 from manymodels.train import parse_only, resolve_spec
 
 __all__ = ["ScoreSummary", "score", "score_chunk"]

@@ -280,7 +280,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise SpecError(f"{where} must be a table, got {type(value).__name__} {value!r}")
-        return _build(tp, value, where)
+        return _build(typing.cast(type[Any], tp), value, where)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SpecError(f"{where} must be a number, got {type(value).__name__} {value!r}")
@@ -352,7 +352,8 @@ def _check(spec: JobSpec, where: str) -> JobSpec:
     if m.gpu_fallback not in ("none", "cpu"):
         raise SpecError(f"model.gpu_fallback must be none or cpu, got {m.gpu_fallback!r}{where}")
     r = spec.resources
-    for res in (r, *r.override):
+    limits: list[ResourcesSpec | ResourceOverride] = [r, *r.override]
+    for res in limits:
         if res.num_cpus is not None and res.num_cpus <= 0:
             raise SpecError(f"resources.num_cpus must be positive, got {res.num_cpus}{where}")
         if res.num_gpus is not None and res.num_gpus < 0:

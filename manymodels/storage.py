@@ -9,12 +9,13 @@ whole objects atomically by themselves.
 
 from __future__ import annotations
 
+import builtins
 import io
 import os
 import posixpath
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import fsspec
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["Store", "StorageError", "url_to_fs"]
+__all__ = ["StorageError", "Store", "url_to_fs"]
 
 
 class StorageError(OSError):
@@ -131,17 +132,15 @@ class Store:
         root = self.root.rstrip("/") + "/"
         return sorted(str(e)[len(root):] if str(e).startswith(root) else str(e) for e in entries)
 
-    def glob(self, pattern: str) -> list[str]:
+    def glob(self, pattern: str) -> builtins.list[str]:
         """Keys matching a glob pattern relative to the root."""
         root = self.root.rstrip("/") + "/"
         return sorted(str(p)[len(root):] for p in self.fs.glob(self.path(pattern)))
 
     def delete(self, key: str, recursive: bool = False) -> None:
         """Delete ``key`` (a missing key is not an error)."""
-        try:
+        with suppress(FileNotFoundError):
             self.fs.rm(self.path(key), recursive=recursive)
-        except FileNotFoundError:
-            pass
 
     def write_parquet(self, key: str, table: pa.Table, **kwargs: Any) -> None:
         """Write an Arrow table as one Parquet object, atomically."""
