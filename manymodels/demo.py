@@ -15,7 +15,8 @@ JOB = Path("jobs/transit.toml")
 
 def run_demo(*, stations: int = 500, days: int = 28, address: str | None = None,
              console: Console | None = None) -> int:
-    """Generate ``partitions/transit`` (and tonight's rows), train the demo job; return the exit code."""
+    """Generate ``partitions/transit`` and tonight's rows, train and score the demo job; return the exit code."""
+    from manymodels.score import score
     from manymodels.spec import SpecError, load_spec
     from manymodels.train import train
 
@@ -34,7 +35,18 @@ def run_demo(*, stations: int = 500, days: int = 28, address: str | None = None,
     console.print(f"trained {summary.job}: {summary.trained} trained, {summary.promoted} promoted, "
                   f"{summary.skipped} skipped, {summary.failed} failed in {summary.wall_s:.1f}s "
                   f"(run {summary.run_id})", highlight=False)
-    console.print(f"registry: {summary.registry}\n"
-                  f"next: manymodels models list --job {JOB}\n"
-                  f"      manymodels runs show {summary.run_id}", highlight=False)
-    return summary.exit_code
+    scored = score(spec, data=tonight, address=address)
+    console.print(f"scored {scored.input_rows:,} rows of tonight's data: {scored.scored_rows:,} scored, "
+                  f"{scored.unscored_rows:,} unscored in {scored.wall_s:.1f}s (run {scored.run_id})",
+                  highlight=False)
+    dataset = str(Path(scored.output).parent)
+    console.print(
+        f"\nregistry: {summary.registry}\nscores:   {scored.output}\n\n"
+        f"query the scores with DuckDB:\n"
+        f"  duckdb -c \"SELECT station, ts, prediction, model_version FROM "
+        f"read_parquet('{dataset}/*/*.parquet', hive_partitioning = true) "
+        f"WHERE score_run_id = '{scored.run_id}' LIMIT 10\"\n"
+        f"or with pandas:  pandas.read_parquet('{dataset}')\n\n"
+        f"next: .venv/bin/manymodels models list --job {JOB}\n"
+        f"      .venv/bin/manymodels runs show {summary.run_id}", highlight=False)
+    return max(summary.exit_code, scored.exit_code)

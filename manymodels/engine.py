@@ -125,6 +125,9 @@ class Engine:
             if self.address:
                 ray.init(address=self.address, **kwargs)
             else:
+                # Token auth stays on (Ray's default); its notice on every embedded start is noise.
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+                    logging.ERROR)
                 ray.init(address="local", num_cpus=self.num_cpus, num_gpus=self.num_gpus,
                          object_store_memory=256 * 1024 * 1024, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
