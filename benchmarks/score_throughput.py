@@ -81,7 +81,8 @@ def run_floor(data: str, registry: str, trees: int) -> dict[str, Any]:
     for station, g in df.groupby("station", sort=False):
         m = models[str(station)]
         booster = lgb.Booster(model_str=reg.load_model_text(m))
-        fm = prepare_features(prepare(g) if prepare else g, m.features, spec, booster.pandas_categorical or [])
+        prepared = prepare(g) if prepare else g
+        fm = prepare_features(prepared, m.features, spec, booster.pandas_categorical or [])
         work.append((booster, fm.X))
     rows = sum(len(x) for _, x in work)
     best = {}

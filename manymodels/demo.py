@@ -15,7 +15,7 @@ JOB = Path("jobs/transit.toml")
 
 def run_demo(*, stations: int = 500, days: int = 28, address: str | None = None,
              console: Console | None = None) -> int:
-    """Generate ``partitions/transit`` and tonight's rows, train and score the demo job; return the exit code."""
+    """Write the demo data, train and score the demo job; return the exit code."""
     from manymodels.score import score
     from manymodels.spec import SpecError, load_spec
     from manymodels.train import train

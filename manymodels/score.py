@@ -36,6 +36,7 @@ from manymodels.data import (
     read_partitions,
 )
 from manymodels.engine import Engine, TaskResources, pack_chunks
+from manymodels.fallback import global_spec
 from manymodels.pipeline import PartitionError, load_prepare, predict_partition
 from manymodels.progress import RunProgress
 from manymodels.registry import Registry, encode_partition, partition_id
@@ -194,8 +195,8 @@ def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
         try:
             booster = _load_booster(registry, p.model, boosters)
             part = frame.iloc[a:b].reset_index(drop=True)
-            pred = predict_partition(part, spec, booster, prepare=prepare, features=p.model.features,
-                                     num_threads=threads)
+            pred = predict_partition(part, global_spec(spec) if p.model.version == 0 else spec, booster,
+                                     prepare=prepare, features=p.model.features, num_threads=threads)
         except (PartitionError, StorageError) as exc:
             out.append(_out(p, res, status="unscored", rows=b - a, reason=str(exc),
                             wall_s=time.perf_counter() - t0))
@@ -228,9 +229,10 @@ def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
     return out
 
 
-def _model_refs(reg: Registry, job: str, keys: Sequence[str], partitions: Sequence[Any],
+def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: Sequence[Any],
                 model_version: int | None, train_run: str | None) -> dict[str, ModelRef | str]:
-    """pid → the model that scores it, or the reason it has none."""
+    """pid → the model that scores it (the global fallback where configured), or why none does."""
+    job = spec.name
     rows = reg._resolved(job)
     if not rows.empty and train_run:
         rows = rows[rows["run_id"] == train_run]
@@ -241,6 +243,13 @@ def _model_refs(reg: Registry, job: str, keys: Sequence[str], partitions: Sequen
     elif not rows.empty:
         rows = rows[rows["status"] == "champion"]
     found: dict[str, Any] = {r["pid"]: r for r in rows.to_dict("records")} if not rows.empty else {}
+    fallback = None
+    if spec.score.fallback == "global" and model_version is None and not train_run:
+        from manymodels.fallback import current_global
+
+        g = current_global(reg.store, job)
+        fallback = None if g is None else ModelRef(model_key=g.model_key, version=0, run_id=g.run_id,
+                                                   features=g.features)
     if train_run:
         missing = f"train run {train_run} has no model for it"
     elif model_version is not None:
@@ -251,6 +260,9 @@ def _model_refs(reg: Registry, job: str, keys: Sequence[str], partitions: Sequen
     for p in partitions:
         pid = partition_id(keys, p.key)
         r = found.get(pid)
+        if r is None and fallback is not None:
+            out[pid] = fallback
+            continue
         out[pid] = missing if r is None else ModelRef(
             model_key=r["model_key"], version=int(r["version"]), run_id=r["run_id"],
             features=tuple(json.loads(r["features"])))
@@ -356,7 +368,7 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     reg = Registry(spec.output.registry)
     if not reg.store.exists(f"{spec.name}/index") and not train_run and model_version is None:
         raise InputError(f"the registry {reg.url} has no models of job {spec.name!r}: train it first")
-    refs = _model_refs(reg, spec.name, plan.keys, plan.partitions, model_version, train_run)
+    refs = _model_refs(reg, spec, plan.keys, plan.partitions, model_version, train_run)
     scores = Store(spec.output.scores)
     scores.check_writable()
     reg.store.check_writable()

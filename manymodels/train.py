@@ -387,6 +387,8 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
                     versions.update(_commit(reg, job, run_id, pending_commit, shash, spec))
                     pending_commit, last_commit = [], time.perf_counter()
         versions.update(_commit(reg, job, run_id, pending_commit, shash, spec))
+        global_info = _fit_global(engine, plan, spec, ctx, reg, trained=any(
+            o.status == "trained" for o in outcomes))
         embedded = engine.embedded
     reg.compact(job)
     wall = time.perf_counter() - started
@@ -394,7 +396,36 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     # held what its tasks reserved while they ran (expressed as an average over the wall time).
     held = (Held(cpus=cluster.get("CPU", 0.0), gpus=cluster.get("GPU", 0.0)) if embedded else
             Held(cpus=reserved_cpu_s / wall, gpus=reserved_gpu_s / wall))
+    record["global_model"] = global_info
     return _finish(reg, spec, run_id, record, outcomes, versions, sorted(nodes), held, wall)
+
+
+def _fit_global(engine: Engine, plan: Plan, spec: JobSpec, ctx: TrainContext, reg: Registry,
+                trained: bool) -> dict[str, Any] | None:
+    """With ``[score] fallback = "global"``: fit the cross-partition model in one more task.
+
+    Refitted when any partition was (re)trained, or when there is none yet.
+    """
+    from manymodels.fallback import current_global, train_global
+
+    if spec.score.fallback != "global":
+        return None
+    if not trained and current_global(reg.store, spec.name) is not None:
+        return {"status": "unchanged"}
+    files = tuple(range(len(plan.source.files)))
+    payload = (plan.source, plan.keys, [p.key for p in plan.partitions], files)
+    res = TaskResources(spec.resources.num_cpus, spec.resources.num_gpus, spec.resources.memory_mb)
+    for item in engine.map(train_global, [payload], resources=[res], shared=ctx,
+                           max_retries=spec.run.max_retries):
+        if item is None:
+            continue
+        _, result, _, _ = item
+        if isinstance(result, BaseException):
+            return {"status": "failed", "reason": f"{type(result).__name__}: "
+                                                  f"{str(result).splitlines()[0][:300]}"}
+        return {"status": "trained", "run_id": result.run_id, "metric": result.metric,
+                "rows": result.rows, "model_key": result.model_key}
+    return None
 
 
 def _commit(reg: Registry, job: str, run_id: str, outcomes: Sequence[PartitionOutcome], shash: str,
