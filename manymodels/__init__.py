@@ -2,6 +2,7 @@
 
 from manymodels.data import InputError
 from manymodels.registry import ModelVersion, Registry, RegistryError
+from manymodels.score import ScoreSummary, score
 from manymodels.spec import JobSpec, SpecError, load_spec
 from manymodels.storage import StorageError
 from manymodels.train import RunSummary, train
@@ -13,9 +14,11 @@ __all__ = [
     "Registry",
     "RegistryError",
     "RunSummary",
+    "ScoreSummary",
     "SpecError",
     "StorageError",
     "load_spec",
+    "score",
     "train",
 ]
 

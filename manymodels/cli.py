@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from manymodels.data import InputError
 from manymodels.registry import Registry, RegistryError
@@ -32,8 +33,10 @@ models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# markup=False: messages, partition values and reasons hold user text ("[/]" would crash Rich's markup
+# parser, "[bogus]" would vanish); styling goes through Text instead.
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 
 JobOpt = Annotated[Path | None, typer.Option("--job", help="Job spec TOML file.", dir_okay=False)]
 DataOpt = Annotated[str | None, typer.Option("--data", help="Input data URL (overrides data.source).")]
@@ -47,7 +50,7 @@ JobRefOpt = Annotated[str | None, typer.Option("--job", help="Job spec file or j
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False)
     return typer.Exit(code)
 
 
@@ -107,9 +110,9 @@ def train(
         _print_json(summary.to_dict())
     else:
         s = summary
-        out.print(f"[bold]{s.job}[/] run {s.run_id}: {s.status} in {s.wall_s:.1f}s — "
+        out.print(Text.assemble((s.job, "bold"), f" run {s.run_id}: {s.status} in {s.wall_s:.1f}s — "
                   f"{s.total} partitions: {s.trained} trained ({s.promoted} promoted), "
-                  f"{s.skipped} skipped, {s.failed} failed", highlight=False)
+                  f"{s.skipped} skipped, {s.failed} failed"), highlight=False)
         for f in s.failures[:10]:
             out.print(f"  failed {json.dumps(f['partition'])}: {f['reason']}", highlight=False)
         if len(s.failures) > 10:
@@ -150,9 +153,9 @@ def score(
         _print_json(summary.to_dict())
     else:
         s = summary
-        out.print(f"[bold]{s.job}[/] run {s.run_id}: {s.status} in {s.wall_s:.1f}s — {s.input_rows:,} rows: "
-                  f"{s.scored_rows:,} scored in {s.partitions_scored} partitions, {s.unscored_rows:,} "
-                  f"unscored", highlight=False)
+        out.print(Text.assemble((s.job, "bold"), f" run {s.run_id}: {s.status} in {s.wall_s:.1f}s — "
+                  f"{s.input_rows:,} rows: {s.scored_rows:,} scored in {s.partitions_scored} partitions, "
+                  f"{s.unscored_rows:,} unscored"), highlight=False)
         for u in s.unscored[:10]:
             out.print(f"  unscored {json.dumps(u['partition'])} ({u['rows']} rows): {u['reason']}",
                       highlight=False)
@@ -295,7 +298,8 @@ def models_show(partition: PartitionOpt = None, job: JobRefOpt = None, registry:
         _print_json(mv.to_dict())
         return
     for k, v in mv.to_dict().items():
-        out.print(f"[bold]{k}[/]: {json.dumps(v) if isinstance(v, dict | list) else v}", highlight=False)
+        out.print(Text.assemble((k, "bold"), f": {json.dumps(v) if isinstance(v, dict | list) else v}"),
+                  highlight=False)
 
 
 @models_app.command("promote")

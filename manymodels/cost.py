@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from manymodels.spec import CostSpec
 
-__all__ = ["Held", "JobCost", "PartitionCost", "job_cost", "partition_cost"]
+__all__ = ["Held", "JobCost", "PartitionCost", "hourly_usd", "job_cost", "partition_cost", "within_budget"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,23 @@ def partition_cost(wall_s: float, num_cpus: float, num_gpus: float, memory_mb: f
     """What one partition reserved for ``wall_s`` seconds, and its price."""
     cpu_s, gpu_s, mem_s = num_cpus * wall_s, num_gpus * wall_s, memory_mb / 1024.0 * wall_s
     return PartitionCost(cpu_s, gpu_s, mem_s, _usd(cpu_s, gpu_s, mem_s, rates))
+
+
+def hourly_usd(held: Held, rates: CostSpec) -> float:
+    """What holding ``held`` costs per hour."""
+    return _usd(held.cpus * 3600.0, held.gpus * 3600.0, held.memory_gb * 3600.0, rates)
+
+
+def within_budget(spent_usd: float, done: int, total: int, max_usd: float | None) -> bool:
+    """Whether the run's projected cost stays within ``max_usd``.
+
+    The projection scales what was spent so far by ``total / done`` work items; before any item is
+    done only what was already spent counts (the first wave of work is always allowed to start).
+    """
+    if max_usd is None:
+        return True
+    projected = spent_usd * total / done if done else spent_usd
+    return projected <= max_usd
 
 
 def job_cost(wall_s: float, held: Held, partitions: Iterable[PartitionCost], rates: CostSpec) -> JobCost:

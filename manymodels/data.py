@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 
 from manymodels.storage import url_to_fs
@@ -103,7 +104,8 @@ class Plan:
 def _file_format(fmt: str) -> ds.FileFormat:
     if fmt == "csv":
         # Ragged rows are an error (the default); empty strings in numeric columns read as null.
-        return ds.CsvFileFormat(convert_options=pa.csv.ConvertOptions(strings_can_be_null=True))
+        # pyarrow.csv is imported at module level: workers never run open_source.
+        return ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     return ds.ParquetFileFormat()
 
 
@@ -121,8 +123,6 @@ def open_source(url: str, fmt: str = "auto") -> Source:
     Raises:
         InputError: the URL does not exist, holds no data files, or a file cannot be read.
     """
-    import pyarrow.csv  # noqa: F401  (registers pa.csv for _file_format)
-
     fs, path = url_to_fs(url)
     try:
         if not fs.exists(path):
@@ -231,8 +231,9 @@ def plan_partitions(source: Source, keys: Sequence[str],
     if total == 0:
         raise InputError(f"data source {source.url!r} has no rows")
     parts = [Partition(key=k, rows=n, files=tuple(sorted(set(fl)))) for k, (n, fl) in merged.items()]
-    if keep is not None:
+    if keep is not None:  # --only: the plan's rows are the kept partitions' rows
         parts = [p for p in parts if keep(p.as_dict(keys))]
+        total = sum(p.rows for p in parts)
     return Plan(source=source, keys=tuple(keys), partitions=tuple(parts), total_rows=total)
 
 

@@ -18,11 +18,21 @@ from typing import Any
 
 import ray
 
-__all__ = ["Engine", "EngineError", "TaskResources", "pack_chunks"]
+__all__ = ["NOT_SUBMITTED", "Engine", "EngineError", "TaskResources", "pack_chunks"]
 
 
 class EngineError(RuntimeError):
     """Ray cannot be started or reached."""
+
+
+class _NotSubmitted:
+    """Marks a payload that :meth:`Engine.map` did not submit because its gate said stop."""
+
+    def __repr__(self) -> str:
+        return "NOT_SUBMITTED"
+
+
+NOT_SUBMITTED = _NotSubmitted()
 
 
 @dataclass(frozen=True)
@@ -161,27 +171,43 @@ class Engine:
 
     def map(self, fn: Callable[[Any, Any], Any], payloads: Sequence[Any], *,
             resources: Sequence[TaskResources], shared: Any = None, max_retries: int = 2,
-            wait_s: float = 0.5) -> Iterator[tuple[int, Any, str, float] | None]:
+            wait_s: float = 0.5, max_in_flight: int | None = None,
+            gate: Callable[[], bool] | None = None) -> Iterator[tuple[int, Any, str, float] | None]:
         """Run ``fn(payload, shared)`` for every payload as a Ray task; yield results as they finish.
 
-        ``shared`` is put in Ray's object store once for all tasks. A task whose worker process dies
-        is retried up to ``max_retries`` times (payload functions must be idempotent); an exception
-        raised by ``fn`` itself is not retried and is yielded as the result.
+        ``shared`` is put in Ray's object store once for all tasks. Tasks are submitted as earlier
+        ones finish, keeping ``max_in_flight`` (default: twice the cluster's CPUs) queued or running,
+        so Ray always has work queued and the caller can stop submitting: before each submission
+        ``gate()`` is asked, and once it says no, the rest are not submitted (a budget guard). A
+        task whose worker process dies is retried up to ``max_retries`` times (payload functions
+        must be idempotent); an exception raised by ``fn`` itself is not retried and is yielded as
+        the result.
 
         Yields:
             ``(payload index, result or exception, node id, task wall seconds)`` per finished
-            task, and ``None``
-            every ``wait_s`` seconds while nothing finished (so callers can refresh progress).
+            task; ``(payload index, NOT_SUBMITTED, "", 0.0)`` for each payload the gate held
+            back; and ``None`` every ``wait_s`` seconds while nothing finished (so callers can
+            refresh progress).
         """
         shared_ref = ray.put(shared)
         remote = ray.remote(_call)
+        limit = max_in_flight or max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
         pending: dict[Any, int] = {}
-        for i, payload in enumerate(payloads):
-            opts = resources[i].options()
-            ref = remote.options(max_retries=max_retries, retry_exceptions=False, **opts).remote(
-                fn, payload, shared_ref)
-            pending[ref] = i
-        while pending:
+        queue = list(range(len(payloads)))
+        queue.reverse()
+        stopped = False
+        while pending or (queue and not stopped):
+            while queue and not stopped and len(pending) < limit:
+                if gate is not None and not gate():
+                    stopped = True
+                    break
+                i = queue.pop()
+                opts = resources[i].options()
+                ref = remote.options(max_retries=max_retries, retry_exceptions=False, **opts).remote(
+                    fn, payloads[i], shared_ref)
+                pending[ref] = i
+            if not pending:
+                break
             done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
             if not done:
                 yield None
@@ -193,3 +219,5 @@ class Engine:
                 except ray.exceptions.RayError as exc:
                     result, node, wall = exc, "", 0.0
                 yield i, result, node, wall
+        for i in reversed(queue):
+            yield i, NOT_SUBMITTED, "", 0.0

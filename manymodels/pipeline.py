@@ -244,7 +244,27 @@ def _split(frame: pd.DataFrame, n: int, spec: JobSpec) -> tuple[np.ndarray, np.n
     return np.sort(order[: n - k]), np.sort(order[n - k:])
 
 
-def lgb_params(spec: JobSpec, num_threads: int) -> dict[str, Any]:
+def resolve_device(requested: str, num_gpus: float) -> str:
+    """LightGBM's device for a task: ``auto`` is the GPU device when the task reserves GPUs."""
+    if requested == "auto":
+        return "gpu" if num_gpus > 0 else "cpu"
+    return requested
+
+
+def check_device(device: str) -> str:
+    """Train a tiny model on ``device``; ``""`` if this LightGBM build can, else LightGBM's reason."""
+    if device == "cpu":
+        return ""
+    x = np.arange(40, dtype=np.float64).reshape(20, 2)
+    try:
+        lgb.train({"device_type": device, "verbosity": -1, "num_iterations": 1, "min_data_in_leaf": 1},
+                  lgb.Dataset(x, label=x[:, 0], params={"verbosity": -1}))
+    except lgb.basic.LightGBMError as exc:
+        return _one_line(exc)
+    return ""
+
+
+def lgb_params(spec: JobSpec, num_threads: int, device: str = "cpu") -> dict[str, Any]:
     """LightGBM parameters: the spec's, plus threads equal to the task's CPUs and determinism."""
     params: dict[str, Any] = {
         "objective": spec.model.objective, "verbosity": -1, "seed": spec.validation.seed,
@@ -252,8 +272,8 @@ def lgb_params(spec: JobSpec, num_threads: int) -> dict[str, Any]:
     }
     params.update(spec.model.params)
     params["num_threads"] = max(1, num_threads)
-    if spec.model.device != "cpu":
-        params["device_type"] = spec.model.device
+    if device != "cpu":
+        params["device_type"] = device
     return params
 
 
@@ -314,7 +334,8 @@ def _time_range(frame: pd.DataFrame, spec: JobSpec) -> tuple[str | None, str | N
 
 
 def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | None = None,
-                    champion: str | None = None, num_threads: int = 1) -> TrainResult:
+                    champion: str | None = None, num_threads: int = 1, device: str = "cpu"
+                    ) -> TrainResult:
     """Train, validate and judge one partition's model.
 
     Args:
@@ -323,6 +344,7 @@ def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | 
         prepare: the compiled prepare function (see :func:`load_prepare`).
         champion: the current champion's model text, judged on this holdout for the promotion rule.
         num_threads: LightGBM threads; the engine passes the task's ``num_cpus``.
+        device: LightGBM's device (``cpu``, ``gpu``, ``cuda``); see :func:`resolve_device`.
 
     Raises:
         PartitionError: the partition cannot be trained; the message is the recorded reason.
@@ -340,7 +362,7 @@ def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | 
         raise PartitionError("no feature columns left after removing keys, target, time and exclude")
     fm = prepare_features(frame, features, spec)
     tr, ho = _split(frame, n, spec)
-    params = lgb_params(spec, num_threads)
+    params = lgb_params(spec, num_threads, device)
     if spec.model.objective in OBJECTIVES_CLASSIFICATION and spec.model.objective != "cross_entropy":
         classes = np.unique(y_all)
         if spec.model.objective == "binary" and not set(classes.tolist()) <= {0.0, 1.0}:

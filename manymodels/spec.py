@@ -114,7 +114,7 @@ class ModelSpec:
 
     objective: str = "regression"
     params: Mapping[str, Any] = field(default_factory=FrozenMap)
-    device: str = "cpu"
+    device: str = "auto"
     gpu_fallback: str = "none"
 
 
@@ -347,8 +347,8 @@ def _check(spec: JobSpec, where: str) -> JobSpec:
                         f"use max_metric{where}")
     if m.objective.startswith("multiclass") and "num_class" not in m.params:
         raise SpecError(f"model.params.num_class is required for objective {m.objective!r}{where}")
-    if m.device not in ("cpu", "gpu", "cuda"):
-        raise SpecError(f"model.device must be cpu, gpu or cuda, got {m.device!r}{where}")
+    if m.device not in ("auto", "cpu", "gpu", "cuda"):
+        raise SpecError(f"model.device must be auto, cpu, gpu or cuda, got {m.device!r}{where}")
     if m.gpu_fallback not in ("none", "cpu"):
         raise SpecError(f"model.gpu_fallback must be none or cpu, got {m.gpu_fallback!r}{where}")
     r = spec.resources

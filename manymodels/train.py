@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from manymodels.cost import Held, JobCost, job_cost, partition_cost
+from manymodels.cost import Held, JobCost, hourly_usd, job_cost, partition_cost, within_budget
 from manymodels.data import (
     InputError,
     Plan,
@@ -37,8 +37,8 @@ from manymodels.data import (
     row_hashes,
     schema_tag,
 )
-from manymodels.engine import Engine, TaskResources, pack_chunks
-from manymodels.pipeline import PartitionError, load_prepare, train_partition
+from manymodels.engine import NOT_SUBMITTED, Engine, TaskResources, pack_chunks
+from manymodels.pipeline import PartitionError, check_device, load_prepare, resolve_device, train_partition
 from manymodels.progress import RunProgress
 from manymodels.registry import NewVersion, Registry, encode_partition, partition_id
 from manymodels.runinfo import environment, new_run_id, utc_now
@@ -85,6 +85,7 @@ class TrainContext:
     run_id: str
     spec_hash: str
     force: bool
+    force_cpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ class PartitionOutcome:
     num_gpus: float = 0.0
     memory_mb: int = 0
     node: str = ""
+    started_s: float = 0.0
+    device: str = "cpu"
 
 
 @dataclass
@@ -173,9 +176,10 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
     store = Store(ctx.registry_url)
     hashes, tag = row_hashes(frame), schema_tag(frame)  # once per chunk: hashing is vectorised
     threads = max(1, int(res.num_cpus))
+    device = "cpu" if ctx.force_cpu else resolve_device(spec.model.device, res.num_gpus)
     out: list[PartitionOutcome] = []
     for p in task.partitions:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, s0 = time.perf_counter(), time.process_time(), time.time()
         span = spans.get(p.key)
         if span is None:
             out.append(_outcome(p, res, status="failed", reason="no rows found (the data changed "
@@ -192,7 +196,8 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
             champion = None
             if p.champion_key is not None:
                 champion = store.read_bytes(p.champion_key).decode()
-            result = train_partition(part, spec, prepare=prepare, champion=champion, num_threads=threads)
+            result = train_partition(part, spec, prepare=prepare, champion=champion, num_threads=threads,
+                                     device=device)
             model_key = Registry.model_key(spec.name, p.pid, ctx.run_id)
             store.write_bytes(model_key, result.model_str.encode())
         except PartitionError as exc:
@@ -214,7 +219,7 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
             metric_value=result.metric, metrics=result.metrics, fingerprint=fp, model_key=model_key,
             features=result.features, time_min=result.time_min, time_max=result.time_max,
             trained_at=dt.datetime.now(dt.UTC), wall_s=time.perf_counter() - t0,
-            cpu_s=time.process_time() - c0, peak_rss_mb=_peak_rss_mb()))
+            cpu_s=time.process_time() - c0, peak_rss_mb=_peak_rss_mb(), started_s=s0, device=device))
     return out
 
 
@@ -249,21 +254,31 @@ def _resources_for(spec: JobSpec, part: Mapping[str, Any]) -> TaskResources:
     return res
 
 
-def plan_tasks(plan: Plan, spec: JobSpec, planned: Sequence[PlannedPartition], slots: int
-               ) -> list[TrainTask]:
-    """Pack planned partitions into tasks; partitions with different resources never share one."""
+def pack_plan(plan: Plan, spec: JobSpec, slots: float, **pack: int
+              ) -> list[tuple[TaskResources, list[int], tuple[int, ...]]]:
+    """Pack a plan's partitions into chunks: ``(resources, partition indices, file indices)``.
+
+    Partitions whose ``[[resources.override]]`` gives them other resources never share a chunk with
+    the rest, and each resource shape is packed for as many tasks as the cluster can run at once.
+    """
     groups: dict[TaskResources, list[int]] = {}
     for i, p in enumerate(plan.partitions):
         groups.setdefault(_resources_for(spec, p.as_dict(plan.keys)), []).append(i)
-    tasks: list[TrainTask] = []
+    out = []
     for res, members in groups.items():
         per_task_slots = max(1, int(slots / max(res.num_cpus, 1e-9)))
-        for chunk in pack_chunks([plan.partitions[i].rows for i in members], slots=per_task_slots):
+        for chunk in pack_chunks([plan.partitions[i].rows for i in members], slots=per_task_slots, **pack):
             idx = [members[j] for j in chunk]
-            files = sorted({f for i in idx for f in plan.partitions[i].files})
-            tasks.append(TrainTask(chunk=len(tasks), partitions=tuple(planned[i] for i in idx),
-                                   files=tuple(files), resources=res))
-    return tasks
+            files = tuple(sorted({f for i in idx for f in plan.partitions[i].files}))
+            out.append((res, idx, files))
+    return out
+
+
+def plan_tasks(plan: Plan, spec: JobSpec, planned: Sequence[PlannedPartition], slots: int
+               ) -> list[TrainTask]:
+    """The training tasks of a run (see :func:`pack_plan`)."""
+    return [TrainTask(chunk=n, partitions=tuple(planned[i] for i in idx), files=files, resources=res)
+            for n, (res, idx, files) in enumerate(pack_plan(plan, spec, slots))]
 
 
 def _check_inputs(spec: JobSpec, source: Source) -> None:
@@ -325,6 +340,7 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         plan = dataclasses.replace(plan, partitions=plan.partitions[:limit])
     if not plan.partitions:
         raise InputError("no partition matches --only" if only else f"{source.url!r} has no partitions")
+    force_cpu, device_note = _check_devices(spec)
     reg = Registry(spec.output.registry)
     reg.store.check_writable()
 
@@ -346,12 +362,12 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         "run_id": run_id, "job": job, "kind": "train", "status": "running",
         "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
         "spec_hash": shash, "data": source.url, "registry": reg.url, "environment": environment(),
-        "partitions": {"total": len(planned)}}
+        "partitions": {"total": len(planned)}, "device": device_note}
     reg.write_run(job, run_id, record)
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     ctx = TrainContext(spec=spec, source=source, keys=keys, registry_url=reg.url, run_id=run_id,
-                       spec_hash=shash, force=force)
+                       spec_hash=shash, force=force, force_cpu=force_cpu)
     outcomes: list[PartitionOutcome] = []
     versions: dict[str, int] = {}
     nodes: set[str] = set()
@@ -364,14 +380,26 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         pending_commit: list[PartitionOutcome] = []
         last_commit = time.perf_counter()
         failed = 0
+        rate = hourly_usd(_held_embedded(cluster), spec.cost)
+
+        def gate() -> bool:  # [cost] max_usd: stop submitting once the projection exceeds it
+            spent = ((time.perf_counter() - started) * rate / 3600.0 if engine.embedded else sum(
+                partition_cost(o.wall_s, o.num_cpus, o.num_gpus, o.memory_mb, spec.cost).cost_usd
+                for o in outcomes))
+            return within_budget(spent, len(outcomes), len(planned), spec.cost.max_usd)
+
         with RunProgress(f"train {job}", len(planned), progress) as bar:
             for item in engine.map(train_chunk, tasks, resources=[t.resources for t in tasks],
-                                   shared=ctx, max_retries=spec.run.max_retries):
+                                   shared=ctx, max_retries=spec.run.max_retries,
+                                   gate=gate if spec.cost.max_usd is not None else None):
                 if item is not None:
                     i, result, node, task_wall = item
                     reserved_cpu_s += task_wall * tasks[i].resources.num_cpus
                     reserved_gpu_s += task_wall * tasks[i].resources.num_gpus
-                    if isinstance(result, BaseException):
+                    if result is NOT_SUBMITTED:
+                        result = [_outcome(p, tasks[i].resources, status="skipped", reason="budget",
+                                           rows=p.rows) for p in tasks[i].partitions]
+                    elif isinstance(result, BaseException):
                         reason = f"task failed: {type(result).__name__}: {str(result).splitlines()[0][:200]}"
                         result = [_outcome(p, tasks[i].resources, status="failed", reason=reason)
                                   for p in tasks[i].partitions]
@@ -394,10 +422,37 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     wall = time.perf_counter() - started
     # Embedded Ray: the job held the whole local instance for its wall time. On a shared cluster it
     # held what its tasks reserved while they ran (expressed as an average over the wall time).
-    held = (Held(cpus=cluster.get("CPU", 0.0), gpus=cluster.get("GPU", 0.0)) if embedded else
+    held = (_held_embedded(cluster) if embedded else
             Held(cpus=reserved_cpu_s / wall, gpus=reserved_gpu_s / wall))
     record["global_model"] = global_info
     return _finish(reg, spec, run_id, record, outcomes, versions, sorted(nodes), held, wall)
+
+
+def _check_devices(spec: JobSpec) -> tuple[bool, str]:
+    """Fail up front when the spec needs LightGBM's GPU device and this build has none.
+
+    Returns ``(force_cpu, note)``: with ``model.gpu_fallback = "cpu"`` a build without GPU support
+    trains on the CPU instead, and the note (stored in the run record) says so.
+    """
+    shapes = [spec.resources.num_gpus, *[o.num_gpus for o in spec.resources.override
+                                         if o.num_gpus is not None]]
+    devices = sorted({resolve_device(spec.model.device, g) for g in shapes} - {"cpu"})
+    for device in devices:
+        reason = check_device(device)
+        if not reason:
+            continue
+        if spec.model.gpu_fallback == "cpu":
+            return True, f"cpu (fallback: LightGBM cannot use device {device!r}: {reason})"
+        where = f" (in {spec.path})" if spec.path else ""
+        raise SpecError(f"model device {device!r} is not usable with this LightGBM build: {reason}; install "
+                        f"a GPU-enabled LightGBM or set model.gpu_fallback = \"cpu\"{where}")
+    return False, ", ".join(devices) or "cpu"
+
+
+def _held_embedded(cluster: Mapping[str, float]) -> Held:
+    """An embedded Ray instance is the job's alone: it holds all of its CPUs, GPUs and memory."""
+    return Held(cpus=cluster.get("CPU", 0.0), gpus=cluster.get("GPU", 0.0),
+                memory_gb=cluster.get("memory", 0.0) / 2**30)
 
 
 def _fit_global(engine: Engine, plan: Plan, spec: JobSpec, ctx: TrainContext, reg: Registry,
@@ -445,7 +500,7 @@ PARTITION_SCHEMA = pa.schema([
     ("wall_s", pa.float64()), ("process_cpu_s", pa.float64()), ("peak_rss_mb", pa.float64()),
     ("num_cpus", pa.float64()), ("num_gpus", pa.float64()), ("memory_mb", pa.int64()),
     ("cpu_seconds", pa.float64()), ("gpu_seconds", pa.float64()), ("cost_usd", pa.float64()),
-    ("node", pa.string()),
+    ("node", pa.string()), ("started_s", pa.float64()), ("device", pa.string()),
 ])
 
 
@@ -460,12 +515,15 @@ def _finish(reg: Registry, spec: JobSpec, run_id: str, record: dict[str, Any],
              "wall_s": o.wall_s, "process_cpu_s": o.cpu_s, "peak_rss_mb": o.peak_rss_mb,
              "num_cpus": o.num_cpus, "num_gpus": o.num_gpus, "memory_mb": o.memory_mb,
              "cpu_seconds": c.cpu_seconds, "gpu_seconds": c.gpu_seconds, "cost_usd": c.cost_usd,
-             "node": o.node} for o, c in zip(outcomes, costs, strict=True)]
+             "node": o.node, "started_s": o.started_s, "device": o.device}
+            for o, c in zip(outcomes, costs, strict=True)]
     failures = [{"partition": json.loads(o.partition), "reason": o.reason}
                 for o in outcomes if o.status == "failed"]
     total = int(record["partitions"]["total"])
     n_failed = len(failures)
     status = "succeeded" if n_failed <= spec.run.max_failure_fraction * total else "failed"
+    if any(o.status == "skipped" and o.reason == "budget" for o in outcomes):
+        status = "budget_exceeded"
     summary = RunSummary(
         run_id=run_id, job=spec.name, status=status, total=total,
         trained=sum(o.status == "trained" for o in outcomes),
