@@ -43,7 +43,7 @@ from manymodels.registry import Registry, encode_partition, partition_id
 from manymodels.runinfo import environment, new_run_id, utc_now
 from manymodels.spec import JobSpec, SpecError
 from manymodels.storage import StorageError, Store
-from manymodels.train import _held_embedded, pack_plan, parse_only, resolve_spec
+from manymodels.train import PartitionTimeout, _held_embedded, pack_plan, parse_only, resolve_spec, time_limit
 
 __all__ = ["ScoreSummary", "score", "score_chunk"]
 
@@ -195,9 +195,11 @@ def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
         try:
             booster = _load_booster(registry, p.model, boosters)
             part = frame.iloc[a:b].reset_index(drop=True)
-            pred = predict_partition(part, global_spec(spec) if p.model.version == 0 else spec, booster,
-                                     prepare=prepare, features=p.model.features, num_threads=threads)
-        except (PartitionError, StorageError) as exc:
+            with time_limit(spec.run.timeout_s):
+                pred = predict_partition(part, global_spec(spec) if p.model.version == 0 else spec,
+                                         booster, prepare=prepare, features=p.model.features,
+                                         num_threads=threads)
+        except (PartitionError, PartitionTimeout, StorageError) as exc:
             out.append(_out(p, res, status="unscored", rows=b - a, reason=str(exc),
                             wall_s=time.perf_counter() - t0))
             continue

@@ -15,8 +15,11 @@ import datetime as dt
 import json
 import os
 import resource
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +153,37 @@ class RunSummary:
                 "wall_s": round(self.wall_s, 3), "nodes": self.nodes}
 
 
+class PartitionTimeout(BaseException):
+    """A partition ran longer than ``run.timeout_s``.
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that ``except Exception`` in user code (or
+    in the pipeline's wrapping of it) does not swallow it.
+    """
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`PartitionTimeout` in the block after ``seconds`` (``None``: no limit).
+
+    Uses ``SIGALRM``, so it interrupts Python code (a user's ``prepare``, LightGBM between boosting
+    rounds) in the worker's main thread, where Ray runs tasks; elsewhere it does nothing.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _expired(signum: int, frame: Any) -> None:
+        raise PartitionTimeout(f"timeout: the partition ran longer than run.timeout_s = {seconds:g}s")
+
+    previous = signal.signal(signal.SIGALRM, _expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -195,12 +229,15 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
         try:
             champion = None
             if p.champion_key is not None:
-                champion = store.read_bytes(p.champion_key).decode()
-            result = train_partition(part, spec, prepare=prepare, champion=champion, num_threads=threads,
-                                     device=device)
+                # Undecodable bytes (a corrupt or planted file) become text LightGBM refuses to parse,
+                # and an unparsable champion does not block its replacement (see train_partition).
+                champion = store.read_bytes(p.champion_key).decode("utf-8", errors="replace")
+            with time_limit(spec.run.timeout_s):
+                result = train_partition(part, spec, prepare=prepare, champion=champion,
+                                         num_threads=threads, device=device)
             model_key = Registry.model_key(spec.name, p.pid, ctx.run_id)
             store.write_bytes(model_key, result.model_str.encode())
-        except PartitionError as exc:
+        except (PartitionError, PartitionTimeout) as exc:
             out.append(_outcome(p, res, status="failed", reason=str(exc), rows=len(part),
                                 wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0))
             continue
