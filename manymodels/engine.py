@@ -102,6 +102,17 @@ def _warm() -> int:
     return os.getpid()
 
 
+def _shortfall(res: TaskResources, totals: dict[str, float]) -> str:
+    """Why a task with ``res`` can never run on a cluster of ``totals`` ("" when it can)."""
+    needs = (("CPU", res.num_cpus, 1.0), ("GPU", res.num_gpus, 1.0),
+             ("MB of memory", res.memory_mb, 1024.0 * 1024.0))
+    for name, need, unit in needs:
+        have = float(totals.get(name.rsplit(" ", 1)[-1], 0.0)) / unit
+        if need > have:
+            return f"a task needs {need:g} {name} but the local Ray instance has {have:g}"
+    return ""
+
+
 def _call(fn: Callable[..., Any], payload: Any, shared: Any) -> tuple[Any, str, float]:
     started = time.perf_counter()
     result = fn(payload, shared)
@@ -181,7 +192,8 @@ class Engine:
         ``gate()`` is asked, and once it says no, the rest are not submitted (a budget guard). A
         task whose worker process dies is retried up to ``max_retries`` times (payload functions
         must be idempotent); an exception raised by ``fn`` itself is not retried and is yielded as
-        the result.
+        the result. On an embedded instance, a task needing more CPUs, GPUs or memory than the
+        instance has is not submitted (it would wait forever): an :class:`EngineError` is its result.
 
         Yields:
             ``(payload index, result or exception, node id, task wall seconds)`` per finished
@@ -191,7 +203,8 @@ class Engine:
         """
         shared_ref = ray.put(shared)
         remote = ray.remote(_call)
-        limit = max_in_flight or max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        totals = ray.cluster_resources()
+        limit = max_in_flight or max(4, 2 * int(totals.get("CPU", 1)))
         pending: dict[Any, int] = {}
         queue = list(range(len(payloads)))
         queue.reverse()
@@ -202,6 +215,10 @@ class Engine:
                     stopped = True
                     break
                 i = queue.pop()
+                short = _shortfall(resources[i], totals) if self.embedded else ""
+                if short:  # the embedded instance can never run it: fail it instead of waiting forever
+                    yield i, EngineError(short), "", 0.0
+                    continue
                 opts = resources[i].options()
                 ref = remote.options(max_retries=max_retries, retry_exceptions=False, **opts).remote(
                     fn, payloads[i], shared_ref)

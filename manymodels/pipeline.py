@@ -84,7 +84,12 @@ def load_prepare(spec: JobSpec) -> PrepareFn | None:
     if cache_key not in _PREPARE_CACHE:
         module = types.ModuleType(f"manymodels_prepare_{cache_key[:12]}")
         module.__file__ = path
-        exec(compile(spec.prepare_source, path, "exec"), module.__dict__)
+        code = compile(spec.prepare_source, path, "exec")  # a SyntaxError is the caller's to report
+        try:
+            exec(code, module.__dict__)
+        except Exception as exc:  # its top level failed (an import, a missing file): a spec error
+            raise PartitionError(f"pipeline.prepare: {path} raised {type(exc).__name__} when loaded: "
+                                 f"{_one_line(exc)}") from exc
         fn = module.__dict__.get(func)
         if not callable(fn):
             raise PartitionError(f"pipeline.prepare: {path} defines no function {func!r}")

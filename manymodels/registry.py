@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from manymodels.storage import Store
 
@@ -183,7 +184,7 @@ class Registry:
     def __init__(self, url: str) -> None:
         self.store = Store(url)
         self.url = self.store.url
-        self._segments: dict[str, dict[str, pd.DataFrame]] = {}
+        self._segments: dict[str, dict[str, pa.Table]] = {}
 
     # ----------------------------------------------------------------- paths (pure)
     @staticmethod
@@ -197,7 +198,7 @@ class Registry:
         return f"{job}/runs/{run_id}/{name}"
 
     # ----------------------------------------------------------------- index reading
-    def _read_index(self, job: str) -> pd.DataFrame:
+    def _read_index(self, job: str) -> pa.Table:
         """Every index event of ``job`` (cached per segment: segments never change once written)."""
         cache = self._segments.setdefault(job, {})
         for _attempt in range(5):
@@ -205,42 +206,67 @@ class Registry:
             try:
                 for name in names:
                     if name not in cache:
-                        cache[name] = self.store.read_parquet(name).to_pandas()
+                        cache[name] = self.store.read_parquet(name).cast(INDEX_SCHEMA)
             except FileNotFoundError:
                 continue  # compacted away between listing and reading: list again
             for gone in set(cache) - set(names):
                 del cache[gone]
             break
-        frames = [cache[n] for n in sorted(cache)]
-        if not frames:
-            empty: pd.DataFrame = INDEX_SCHEMA.empty_table().to_pandas()
-            return empty
-        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        tables = [cache[n] for n in sorted(cache)]
+        return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
 
-    def _resolved(self, job: str) -> pd.DataFrame:
-        """One row per (partition, version): its latest event."""
+    def _resolved(self, job: str, pids: Iterable[str] | None = None) -> pa.Table:
+        """One row per (partition, version): its latest event (only of ``pids`` when given)."""
         events = self._read_index(job)
-        if events.empty:
+        segments = builtins.list(self._segments.get(job, {}))
+        if len(segments) == 1 and "-compact-" in segments[0] and pids is None:
+            return events  # a compacted index holds resolved rows only
+        if pids is not None:
+            events = events.filter(pc.is_in(events.column("pid"), value_set=pa.array(list(pids),
+                                                                                     pa.string())))
+        if events.num_rows == 0:
             return events
-        events = events.sort_values("seq", kind="stable")
-        return events.drop_duplicates(["pid", "version"], keep="last").reset_index(drop=True)
+        events = events.append_column("__i", pa.array(np.arange(events.num_rows), pa.int64()))
+        last = events.group_by(["pid", "version"], use_threads=False).aggregate(
+            [("seq", "max")])
+        keyed = events.join(last, keys=["pid", "version", "seq"], right_keys=["pid", "version", "seq_max"],
+                            join_type="inner", use_threads=False)
+        # Equal seq values never happen for one (pid, version); keep the table in event order.
+        keyed = keyed.sort_by("__i")
+        return keyed.drop_columns(["__i"]).select(INDEX_SCHEMA.names)
 
-    def _to_version(self, job: str, row: Mapping[Any, Any]) -> ModelVersion:
-        def opt(v: Any) -> Any:
-            return None if v is None or (isinstance(v, float) and pd.isna(v)) else v
+    def table(self, job: str) -> pa.Table:
+        """Every version of every partition of ``job`` as index rows (an Arrow table, one row per
+        version, with its current status): the fast path for programs that filter in bulk."""
+        return self._resolved(job)
 
-        trained = row["trained_at"]
-        return ModelVersion(
-            job=job, pid=row["pid"], partition=decode_partition(row["partition"]),
-            version=int(row["version"]), status=row["status"], run_id=row["run_id"],
-            trained_at=trained.isoformat() if hasattr(trained, "isoformat") else str(trained),
-            rows=int(row["rows"]), metric=row["metric"], metric_value=opt(row["metric_value"]),
-            metrics=json.loads(row["metrics"]), fingerprint=row["fingerprint"],
-            spec_hash=row["spec_hash"], model_uri=self.store.uri(row["model_key"]),
-            features=json.loads(row["features"]), time_min=opt(row["time_min"]),
-            time_max=opt(row["time_max"]),
-            previous_version=None if pd.isna(row["previous_version"]) else int(row["previous_version"]),
-            reason=opt(row["reason"]) or "")
+    def _versions(self, job: str, rows: pa.Table) -> builtins.list[ModelVersion]:
+        """ModelVersion objects from index rows: columns converted in Arrow, JSON decoded in bulk."""
+        if rows.num_rows == 0:
+            return []
+        base = self.store.uri("")
+        prefix = base if base.endswith("/") else base + "/"
+        trained = pc.replace_substring(pc.cast(rows.column("trained_at"), pa.string()), " ", "T")
+        value = rows.column("metric_value")
+        value = pc.if_else(pc.is_nan(value), pa.scalar(None, pa.float64()), value)
+        reason = pc.fill_null(rows.column("reason"), "")
+
+        def col(name: str) -> builtins.list[Any]:
+            return rows.column(name).to_pylist()  # type: ignore[no-any-return]
+
+        def bulk(values: builtins.list[str]) -> builtins.list[Any]:
+            return json.loads("[" + ",".join(values) + "]")  # type: ignore[no-any-return]
+
+        feature_text = col("features")
+        feature_cache = {text: json.loads(text) for text in set(feature_text)}  # one list per set
+        features = [feature_cache[text] for text in feature_text]
+        n = rows.num_rows
+        return builtins.list(map(
+            ModelVersion, [job] * n, col("pid"), bulk(col("partition")), col("version"), col("status"),
+            col("run_id"), trained.to_pylist(), col("rows"), col("metric"), value.to_pylist(),
+            bulk(col("metrics")), col("fingerprint"), col("spec_hash"),
+            [prefix + k for k in col("model_key")], features, col("time_min"), col("time_max"),
+            col("previous_version"), reason.to_pylist()))
 
     def jobs(self) -> list[str]:
         """Names of the jobs this registry holds."""
@@ -256,17 +282,20 @@ class Registry:
             partition: only entries whose key includes these ``{column: value}`` pairs (values
                 compared as text, so ``--partition station=12`` matches an integer key 12).
             all_versions: every version of every partition, rejected and archived ones too.
+
+        Returns:
+            Entries sorted by partition, then version.
         """
         rows = self._resolved(job)
-        if rows.empty:
-            return []
-        if not all_versions:
-            rows = rows[rows["status"] == "champion"]
-        out = [self._to_version(job, r) for r in rows.to_dict("records")]
+        if not all_versions and rows.num_rows:
+            rows = rows.filter(pc.equal(rows.column("status"), "champion"))
+        if rows.num_rows:
+            rows = rows.take(pc.sort_indices(rows, sort_keys=[("partition", "ascending"),
+                                                              ("version", "ascending")]))
+        out = self._versions(job, rows)
         if partition:
             want = {k: str(v) for k, v in partition.items()}
             out = [m for m in out if all(str(m.partition.get(k)) == v for k, v in want.items())]
-        out.sort(key=lambda m: (json.dumps(m.partition, sort_keys=True), m.version))
         return out
 
     def get(self, job: str, partition: Mapping[str, Any], version: int | None = None) -> ModelVersion:
@@ -303,18 +332,22 @@ class Registry:
 
         return lgb.Booster(model_str=self.load_model_text(self.get(job, partition, version)))
 
-    def state(self, job: str) -> dict[str, dict[str, Any]]:
-        """Per partition id: its champion's and latest version's facts, for planning a run.
+    def state(self, job: str, pids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Per partition id: its champion's and latest version's index rows, for planning a run.
+
+        Args:
+            job: the job name.
+            pids: only these partitions (default: all).
 
         Returns:
             ``{pid: {"champion": row or None, "latest": row}}`` with index rows as dicts.
         """
-        rows = self._resolved(job)
+        rows = self._resolved(job, pids)
         out: dict[str, dict[str, Any]] = {}
-        if rows.empty:
+        if rows.num_rows == 0:
             return out
-        rows = rows.sort_values(["pid", "version"], kind="stable")
-        for r in rows.to_dict("records"):
+        rows = rows.take(pc.sort_indices(rows, sort_keys=[("pid", "ascending"), ("version", "ascending")]))
+        for r in rows.to_pylist():
             entry = out.setdefault(r["pid"], {"champion": None, "latest": r})
             entry["latest"] = r
             if r["status"] == "champion":
@@ -346,7 +379,7 @@ class Registry:
         if not new:
             return {}
         with self.store.lock(f"{job}/index.lock"):
-            state = self.state(job)
+            state = self.state(job, {nv.pid for nv in new})
             events: builtins.list[dict[str, Any]] = []
             assigned: dict[str, int] = {}
             seq = time.time_ns()
@@ -383,11 +416,9 @@ class Registry:
         """Make ``version`` the partition's champion (the current one is archived)."""
         with self.store.lock(f"{job}/index.lock"):
             target = self.get(job, partition, version)
-            rows = self._resolved(job)
-            rows = rows[rows["pid"] == target.pid]
-            changes = [(r, "archived") for r in rows.to_dict("records")
-                       if r["status"] == "champion" and r["version"] != version]
-            changes += [(r, "champion") for r in rows.to_dict("records") if r["version"] == version]
+            rows = self._resolved(job, [target.pid]).to_pylist()
+            changes = [(r, "archived") for r in rows if r["status"] == "champion" and r["version"] != version]
+            changes += [(r, "champion") for r in rows if r["version"] == version]
             self._set_status(job, changes, "promote")
         return self.get(job, partition, version)
 
@@ -406,8 +437,9 @@ class Registry:
             old = [k for k in self.store.list(f"{job}/index") if k.endswith(".parquet")]
             if len(old) <= 1:
                 return
-            rows = self._resolved(job)
-            self._write_segment(job, "compact", rows.to_dict("records"))
+            seq = time.time_ns()
+            name = f"{job}/index/seg-{seq:020d}-compact-{uuid.uuid4().hex[:6]}.parquet"
+            self.store.write_parquet(name, self._resolved(job))
             for key in old:
                 self.store.delete(key)
 

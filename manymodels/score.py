@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from manymodels.cost import Held, JobCost, hourly_usd, job_cost, partition_cost, within_budget
 from manymodels.data import (
@@ -235,16 +236,18 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
                 model_version: int | None, train_run: str | None) -> dict[str, ModelRef | str]:
     """pid → the model that scores it (the global fallback where configured), or why none does."""
     job = spec.name
-    rows = reg._resolved(job)
-    if not rows.empty and train_run:
-        rows = rows[rows["run_id"] == train_run]
-        if rows.empty:
+    rows = reg.table(job)
+    if train_run:
+        rows = rows.filter(pc.equal(rows.column("run_id"), train_run))
+        if rows.num_rows == 0:
             raise SpecError(f"train run {train_run!r} registered no model of job {job!r}")
-    elif not rows.empty and model_version is not None:
-        rows = rows[rows["version"] == model_version]
-    elif not rows.empty:
-        rows = rows[rows["status"] == "champion"]
-    found: dict[str, Any] = {r["pid"]: r for r in rows.to_dict("records")} if not rows.empty else {}
+    elif model_version is not None:
+        rows = rows.filter(pc.equal(rows.column("version"), model_version))
+    else:
+        rows = rows.filter(pc.equal(rows.column("status"), "champion"))
+    found = {pid: (key, version, run, feats) for pid, key, version, run, feats in zip(
+        *(rows.column(c).to_pylist() for c in ("pid", "model_key", "version", "run_id", "features")),
+        strict=True)}
     fallback = None
     if spec.score.fallback == "global" and model_version is None and not train_run:
         from manymodels.fallback import current_global
@@ -266,8 +269,7 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
             out[pid] = fallback
             continue
         out[pid] = missing if r is None else ModelRef(
-            model_key=r["model_key"], version=int(r["version"]), run_id=r["run_id"],
-            features=tuple(json.loads(r["features"])))
+            model_key=r[0], version=int(r[1]), run_id=r[2], features=tuple(json.loads(r[3])))
     return out
 
 

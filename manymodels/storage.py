@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import builtins
 import io
+import json
 import os
 import posixpath
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -158,15 +160,41 @@ class Store:
         self.write_bytes(key, b"")
         self.delete(key)
 
+    def _holder_dead(self, key: str) -> bool:
+        """Whether the lock object ``key`` was left by a process of this machine that no longer runs.
+
+        Only a holder on this very machine (same host name, boot and PID namespace) can be checked;
+        anything else (another machine, an unreadable or foreign lock) counts as alive.
+        """
+        machine = _machine()
+        try:
+            holder = json.loads(self.read_bytes(key))
+        except (OSError, ValueError):
+            return False
+        if not machine or not isinstance(holder, dict) or holder.get("machine") != machine:
+            return False
+        pid = holder.get("pid")
+        return isinstance(pid, int) and pid > 0 and _process_start(pid) != holder.get("start")
+
     @contextmanager
-    def lock(self, key: str, *, timeout_s: float = 120.0, stale_s: float = 300.0) -> Iterator[None]:
-        """Hold an exclusive lock object ``key`` while the block runs (for short critical sections)."""
+    def lock(self, key: str, *, timeout_s: float = 330.0, stale_s: float = 300.0) -> Iterator[None]:
+        """Hold an exclusive lock object ``key`` while the block runs (for short critical sections).
+
+        A lock left behind by a holder that died (a SIGKILLed driver) is broken at once when the
+        holder ran on this machine, else once it is older than ``stale_s``; the default
+        ``timeout_s`` outlasts ``stale_s`` so that a waiter gets there instead of giving up.
+        """
         import time
 
         deadline = time.monotonic() + timeout_s
-        token = uuid.uuid4().hex.encode()
+        token = json.dumps({"machine": _machine(), "pid": os.getpid(), "start": _process_start(os.getpid()),
+                            "token": uuid.uuid4().hex}).encode()
         while not self.create_exclusive(key, token):
             try:
+                held = self.read_bytes(key)
+                if self._holder_dead(key) and self.read_bytes(key) == held:
+                    self.delete(key)  # its holder died on this machine
+                    continue
                 info = self.fs.info(self.path(key))
                 mtime = info.get("mtime") or info.get("LastModified")
                 age = time.time() - (mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0))
@@ -182,3 +210,24 @@ class Store:
             yield
         finally:
             self.delete(key)
+
+
+def _machine() -> str:
+    """This machine and PID namespace (``""`` where that cannot be told: then no PID is trusted)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{socket.gethostname()}|{boot}|{pidns}"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time (clock ticks since boot) of a live process; ``None`` if gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if not fields or fields[0] in ("Z", "X") else fields[19]

@@ -231,7 +231,11 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
             if p.champion_key is not None:
                 # Undecodable bytes (a corrupt or planted file) become text LightGBM refuses to parse,
                 # and an unparsable champion does not block its replacement (see train_partition).
-                champion = store.read_bytes(p.champion_key).decode("utf-8", errors="replace")
+                # A missing champion file likewise: retraining is how that partition recovers.
+                try:
+                    champion = store.read_bytes(p.champion_key).decode("utf-8", errors="replace")
+                except FileNotFoundError:
+                    champion = None
             with time_limit(spec.run.timeout_s):
                 result = train_partition(part, spec, prepare=prepare, champion=champion,
                                          num_threads=threads, device=device)
@@ -414,6 +418,13 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         slots = max(1, int(cluster.get("CPU", 1)))
         engine.warm_up(min(slots, len(planned)))
         tasks = plan_tasks(plan, spec, planned, slots)
+        gpus = cluster.get("GPU", 0.0)
+        if force_cpu and any(t.resources.num_gpus > gpus for t in tasks):
+            # LightGBM trains on the CPU anyway: a GPU reservation this cluster cannot give would
+            # leave those tasks waiting forever, so they reserve none (and are charged none).
+            tasks = [dataclasses.replace(t, resources=dataclasses.replace(t.resources, num_gpus=0.0))
+                     if t.resources.num_gpus > gpus else t for t in tasks]
+            record["device"] = f"{device_note}; no GPU reserved (the Ray cluster has {gpus:g})"
         pending_commit: list[PartitionOutcome] = []
         last_commit = time.perf_counter()
         failed = 0

@@ -1,9 +1,15 @@
-"""Shared fixtures: one local Ray for the whole session, a small synthetic transit dataset, job specs."""
+"""Shared fixtures: one local Ray for the whole session, a local S3 server, a small synthetic transit
+dataset, job specs."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
+import socket
+import subprocess
+import sys
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,9 +28,65 @@ HOURS = 24 * 7
 SpecFactory = Callable[..., JobSpec]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray instance (2 CPUs) shared by every test that trains; shut down at the end."""
+def s3_endpoint() -> Iterator[str | None]:
+    """An S3-compatible server (moto) on 127.0.0.1 for the whole session, its URL in the environment.
+
+    Sets ``AWS_ENDPOINT_URL`` (honoured by botocore, hence s3fs, and by pyarrow's own S3) and dummy
+    credentials, so plain ``s3://bucket/...`` URLs reach it with no manymodels-specific setting.
+    The server is a subprocess, not moto's in-process thread: it shares neither the GIL nor pytest's
+    warnings-as-errors filter with the tests. ``None`` (tests using it skip) when moto or s3fs is not
+    installed.
+    """
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None:
+        yield None
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start on {url}") from None
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+                mp.delenv(name, raising=False)
+            mp.setenv("AWS_ENDPOINT_URL", url)
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint: str | None) -> Iterator[None]:
+    """One local Ray instance (2 CPUs, 1 logical GPU) shared by every test that trains; shut down at the end.
+
+    It depends on ``s3_endpoint`` only for ordering: Ray's worker processes take their environment
+    from the driver's at ``ray.init``, so the S3 endpoint and credentials must be in ``os.environ``
+    before Ray starts (a later ``setenv`` never reaches the workers that read and write ``s3://``).
+    """
     import ray
 
     with pytest.MonkeyPatch.context() as mp:
@@ -32,7 +94,7 @@ def ray_session() -> Iterator[None]:
         mp.delenv("RAY_ADDRESS", raising=False)  # never join a stray cluster from the tests
         if ray.is_initialized():  # pragma: no cover - a leftover from an aborted test
             ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
                  object_store_memory=200 * 1024 * 1024)
         try:
             yield

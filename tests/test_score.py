@@ -1,0 +1,699 @@
+"""End-to-end batch scoring (manymodels.score) on the session's local Ray and small synthetic data.
+
+One module-scoped training (8 stations × 7 days, with the global fallback model) is shared by most
+tests; each test scores into its own output folder. Predictions are checked against plain LightGBM
+driven the way a user would (the job's prepare, the registry's feature list, string columns as pandas
+categoricals), and the output is read back with pyarrow, DuckDB and polars.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import shutil
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import fsspec
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+from typer.testing import CliRunner
+
+import manymodels
+from manymodels import Registry, RunSummary
+from manymodels.cli import app
+from manymodels.score import ScoreSummary, _exchange, score
+from manymodels.spec import JobSpec
+from manymodels.synth import make_transit, score_frame, write_transit
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = "transit-delays"
+N = 8  # trained stations
+HIST = 24 * 7  # training window (hours)
+AHEAD = 24  # scored hours per station
+STATIONS = [f"stn-{i:05d}" for i in range(N)]
+OUTPUT_COLUMNS = {"station", "trip_id", "ts", "prediction", "model_version", "model_run_id",
+                  "score_run_id", "scored_at"}
+SCORE_KEYS = {"run_id", "job", "status", "rows", "partitions_scored", "unscored", "output", "cost"}
+
+runner = CliRunner()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _plain_table(df: pd.DataFrame) -> pa.Table:
+    """``df`` as Arrow with plain ``string`` columns (no pandas metadata)."""
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    fields = [pa.field(f.name, pa.string()) if pa.types.is_large_string(f.type) else f
+              for f in table.schema]
+    return table.cast(pa.schema(fields)).replace_schema_metadata(None)
+
+
+def _write_flat(df: pd.DataFrame, path: Path) -> Path:
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(_plain_table(df), path)
+    return path
+
+
+def _user_prepare() -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """jobs/transit.py's prepare, imported as a user would (no manymodels involved)."""
+    spec = importlib.util.spec_from_file_location("transit_job_for_tests", ROOT / "jobs" / "transit.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn: Callable[[pd.DataFrame], pd.DataFrame] = module.prepare
+    return fn
+
+
+def _plain_predict(model_uri: str, features: list[str], rows: pd.DataFrame) -> np.ndarray:
+    """Plain LightGBM on the user-built feature frame: prepare, feature columns, strings → category."""
+    with fsspec.open(model_uri, "r") as f:
+        booster = lgb.Booster(model_str=f.read())
+    X = _user_prepare()(rows.reset_index(drop=True))[features].copy()
+    for col in X.columns:
+        if pd.api.types.is_string_dtype(X[col]) or X[col].dtype == object:
+            X[col] = X[col].astype("category")
+    return np.asarray(booster.predict(X), dtype=np.float64)
+
+
+def _read(out: Path) -> pa.Table:
+    """The job's scored output as one table (pyarrow dataset, hive partitioning)."""
+    return ds.dataset(str(out / JOB), partitioning="hive").to_table()
+
+
+def _run_rows(out: Path, run_id: str) -> pd.DataFrame:
+    df = _read(out).to_pandas()
+    return df[df["score_run_id"] == run_id].reset_index(drop=True)
+
+
+def _unscored(s: ScoreSummary) -> dict[str, tuple[int, str]]:
+    return {u["partition"]["station"]: (u["rows"], u["reason"]) for u in s.unscored}
+
+
+def _files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def _scored(s: ScoreSummary, rows: int, partitions: int) -> None:
+    assert (s.status, s.exit_code) == ("succeeded", 0), s.unscored
+    assert (s.input_rows, s.scored_rows, s.unscored_rows, s.partitions_scored) == (rows, rows, 0,
+                                                                                   partitions)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """History (8 stations), the next 24 h of those 8, of 10 stations (2 never trained), and of the 8
+    without the ``wind_kph`` feature; all Hive layout."""
+    root = tmp_path_factory.mktemp("score-data")
+    paths = {name: root / name for name in ("history", "next", "next10", "no_wind")}
+    write_transit(make_transit(N, HIST), str(paths["history"]))
+    write_transit(score_frame(N, AHEAD, after_hours=HIST), str(paths["next"]))
+    write_transit(score_frame(N + 2, AHEAD, after_hours=HIST), str(paths["next10"]))
+    write_transit(score_frame(N, AHEAD, after_hours=HIST).drop(columns=["wind_kph"]),
+                  str(paths["no_wind"]))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session: None, make_spec: Any, data: dict[str, Path],
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[JobSpec, RunSummary]:
+    """The demo job trained once with ``[score] fallback = "global"`` (so the global model exists
+    too). Returns the plain spec (fallback ``none``) on the same registry, and the train summary."""
+    registry = tmp_path_factory.mktemp("score-trained") / "registry"
+    with_global = make_spec(data["history"], registry, score={"fallback": "global"})
+    summary = manymodels.train(with_global)
+    assert (summary.total, summary.trained, summary.failed) == (N, N, 0), summary.failures
+    return make_spec(data["history"], registry), summary
+
+
+@pytest.fixture(scope="module")
+def main_scores(trained: tuple[JobSpec, RunSummary], data: dict[str, Path],
+                tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ScoreSummary, dt.datetime,
+                                                                   dt.datetime]:
+    """One score run of the 8 trained stations' next day (read-only for the tests using it)."""
+    spec, _ = trained
+    out = tmp_path_factory.mktemp("main-scores") / "scores"
+    before = dt.datetime.now(dt.UTC)
+    s = score(spec, data=str(data["next"]), output=str(out))
+    after = dt.datetime.now(dt.UTC)
+    return out, s, before, after
+
+
+# ----------------------------------------------------------------------------- 1. exact predictions
+
+
+def test_predictions_equal_plain_lightgbm(trained: tuple[JobSpec, RunSummary],
+                                          main_scores: tuple[Path, ScoreSummary, Any, Any]) -> None:
+    spec, train_summary = trained
+    out, s, _, _ = main_scores
+    _scored(s, N * AHEAD, N)
+    got = _run_rows(out, s.run_id).set_index("trip_id")
+    assert got.index.is_unique and len(got) == N * AHEAD
+    reg = Registry(spec.output.registry)
+    rows = score_frame(N, AHEAD, after_hours=HIST)
+    checked = 0
+    for station, part in rows.groupby("station"):
+        mv = reg.get(JOB, {"station": station})
+        assert mv.version == 1 and mv.run_id == train_summary.run_id
+        expected = _plain_predict(mv.model_uri, mv.features, part)
+        mine = got.loc[part["trip_id"].to_numpy()]
+        assert (mine["station"] == station).all()
+        assert (mine["model_version"] == 1).all() and (mine["model_run_id"] == mv.run_id).all()
+        np.testing.assert_allclose(mine["prediction"].to_numpy(), expected, rtol=0, atol=1e-12)
+        assert np.unique(expected).size > 1  # a real model, not a constant
+        checked += len(part)
+    assert checked == N * AHEAD
+
+
+# ----------------------------------------------------------------------------- 2. output contract
+
+
+def _check_arrow_schema(schema: pa.Schema, key: str, key_type: pa.DataType) -> None:
+    assert set(schema.names) == (OUTPUT_COLUMNS - {"station"}) | {key}
+    assert schema.field(key).type == key_type
+    assert schema.field("trip_id").type == pa.string()
+    assert schema.field("ts").type == pa.timestamp("us", tz="UTC")
+    assert schema.field("prediction").type == pa.float64()
+    assert schema.field("model_version").type == pa.int64()
+    assert schema.field("model_run_id").type == pa.string()
+    assert schema.field("score_run_id").type == pa.string()
+    scored_at = schema.field("scored_at").type
+    assert pa.types.is_timestamp(scored_at) and scored_at.tz == "UTC"
+
+
+def test_output_contract_pyarrow_duckdb_polars(trained: tuple[JobSpec, RunSummary],
+                                               main_scores: tuple[Path, ScoreSummary, dt.datetime,
+                                                                  dt.datetime]) -> None:
+    _, train_summary = trained
+    out, s, before, after = main_scores
+    job_dir = out / JOB
+    # Layout: one hive folder per score run; files hold no score_run_id column of their own.
+    assert [p.name for p in job_dir.iterdir()] == [f"score_run_id={s.run_id}"]
+    files = _files_under(job_dir)
+    assert files and all(f.suffix == ".parquet" for f in files)
+    for f in files:
+        inside = ds.dataset(str(f)).schema.names
+        assert "score_run_id" not in inside and "station" in inside
+
+    table = _read(out)
+    _check_arrow_schema(table.schema, "station", pa.string())
+    assert table.num_rows == s.scored_rows == N * AHEAD
+    df = table.to_pandas()
+    assert set(df["station"]) == set(STATIONS)
+    assert set(df["score_run_id"]) == {s.run_id}
+    assert set(df["model_run_id"]) == {train_summary.run_id}
+    assert (df["model_version"] >= 1).all()
+    assert df["prediction"].notna().all()
+    scored_at = set(df["scored_at"])
+    assert len(scored_at) == 1
+    assert before <= next(iter(scored_at)).to_pydatetime() <= after
+    expected = score_frame(N, AHEAD, after_hours=HIST)
+    merged = df.merge(expected[["trip_id", "ts", "station"]], on="trip_id", suffixes=("", "_in"))
+    assert len(merged) == N * AHEAD
+    assert (merged["ts"] == merged["ts_in"]).all() and (merged["station"] == merged["station_in"]).all()
+
+    # DuckDB
+    glob = f"{job_dir}/*/*.parquet"
+    con = duckdb.connect()
+    rel = con.sql(f"SELECT * FROM read_parquet('{glob}', hive_partitioning=true)")
+    types = dict(zip(rel.columns, [str(t) for t in rel.types], strict=True))
+    assert set(types) == OUTPUT_COLUMNS
+    assert types["station"] == "VARCHAR" and types["trip_id"] == "VARCHAR"
+    assert types["prediction"] == "DOUBLE" and types["model_version"] == "BIGINT"
+    assert types["model_run_id"] == "VARCHAR" and types["score_run_id"] == "VARCHAR"
+    assert types["ts"] == "TIMESTAMP WITH TIME ZONE" and types["scored_at"] == "TIMESTAMP WITH TIME ZONE"
+    [(count, runs, preds)] = con.sql(
+        f"SELECT count(*), count(DISTINCT score_run_id), sum(prediction) "
+        f"FROM read_parquet('{glob}', hive_partitioning=true)").fetchall()
+    assert (count, runs) == (N * AHEAD, 1)
+    assert preds == pytest.approx(float(df["prediction"].sum()), rel=1e-12)
+
+    # polars, eager and lazy
+    for frame in (pl.read_parquet(f"{job_dir}/**/*.parquet", hive_partitioning=True),
+                  pl.scan_parquet(f"{job_dir}/**/*.parquet", hive_partitioning=True).collect()):
+        assert frame.height == N * AHEAD
+        assert set(frame.columns) == OUTPUT_COLUMNS
+        sch = frame.schema
+        assert sch["station"] == pl.String and sch["trip_id"] == pl.String
+        assert sch["prediction"] == pl.Float64 and sch["model_version"] == pl.Int64
+        assert sch["model_run_id"] == pl.String and sch["score_run_id"] == pl.String
+        assert sch["scored_at"] == pl.Datetime("us", "UTC") and sch["ts"] == pl.Datetime("us", "UTC")
+        assert frame["score_run_id"].unique().to_list() == [s.run_id]
+
+
+def _int_key(df: pd.DataFrame) -> pd.DataFrame:
+    """Stations as an int64 ``stop_id`` key (101, 102, ...); the string station column dropped."""
+    stop = df["station"].str.slice(4).astype("int64") + 101
+    return df.drop(columns=["station"]).assign(stop_id=stop.astype("int64"))
+
+
+def test_int64_key_column_stays_int64(ray_session: None, make_spec: Any, tmp_path: Path) -> None:
+    hist = _write_flat(_int_key(make_transit(3, HIST)), tmp_path / "hist" / "rows.parquet")
+    nxt = _write_flat(_int_key(score_frame(3, AHEAD, after_hours=HIST)), tmp_path / "next" / "rows.parquet")
+    spec = make_spec(hist, tmp_path / "registry", data={"partition_by": ["stop_id"]})
+    t = manymodels.train(spec)
+    assert (t.trained, t.failed) == (3, 0), t.failures
+    out = tmp_path / "scores"
+    s = score(spec, data=str(nxt), output=str(out))
+    _scored(s, 3 * AHEAD, 3)
+    table = _read(out)
+    _check_arrow_schema(table.schema, "stop_id", pa.int64())
+    assert sorted(set(table.column("stop_id").to_pylist())) == [101, 102, 103]
+    con = duckdb.connect()
+    rel = con.sql(f"SELECT stop_id FROM read_parquet('{out / JOB}/*/*.parquet', hive_partitioning=true)")
+    assert [str(t) for t in rel.types] == ["BIGINT"] and len(rel.fetchall()) == 3 * AHEAD
+    frame = pl.read_parquet(f"{out / JOB}/**/*.parquet", hive_partitioning=True)
+    assert frame.schema["stop_id"] == pl.Int64 and frame.height == 3 * AHEAD
+    _, parts = Registry(spec.output.registry).run(s.run_id)
+    assert parts is not None
+    assert sorted(json.loads(p)["stop_id"] for p in parts["partition"]) == [101, 102, 103]
+
+
+# ----------------------------------------------------------------------------- 3. no silent drops
+
+
+def test_partitions_without_champion_are_reported(trained: tuple[JobSpec, RunSummary],
+                                                  data: dict[str, Path], tmp_path: Path) -> None:
+    spec, _ = trained
+    out = tmp_path / "scores"
+    s = score(spec, data=str(data["next10"]), output=str(out))
+    assert s.input_rows == (N + 2) * AHEAD
+    assert s.input_rows == s.scored_rows + s.unscored_rows
+    assert (s.scored_rows, s.partitions_scored) == (N * AHEAD, N)
+    assert _unscored(s) == {"stn-00008": (AHEAD, "no champion"), "stn-00009": (AHEAD, "no champion")}
+    assert (s.status, s.exit_code) == ("failed", 1)  # 2 of 10 > max_failure_fraction 0.05
+    assert _read(out).num_rows == s.scored_rows
+    assert set(_read(out).column("station").to_pylist()) == set(STATIONS)
+
+    record, parts = Registry(spec.output.registry).run(s.run_id)
+    assert record["kind"] == "score" and record["status"] == "failed"
+    assert record["rows"] == {"input": (N + 2) * AHEAD, "scored": N * AHEAD, "unscored": 2 * AHEAD}
+    assert record["unscored"] == s.unscored
+    assert parts is not None and len(parts) == N + 2
+    by_station = {json.loads(r["partition"])["station"]: r for r in parts.to_dict("records")}
+    assert Counter(r["status"] for r in by_station.values()) == {"scored": N, "unscored": 2}
+    assert all(r["rows"] == AHEAD for r in by_station.values())
+    assert by_station["stn-00009"]["reason"] == "no champion"
+    assert by_station["stn-00001"]["model_version"] == 1 and by_station["stn-00001"]["reason"] == ""
+
+
+def test_prepare_failing_for_one_partition_is_reported(trained: tuple[JobSpec, RunSummary],
+                                                       make_spec: Any, data: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    trained_spec, _ = trained
+    prep = tmp_path / "prep.py"
+    prep.write_text((ROOT / "jobs" / "transit.py").read_text() + (
+        "\n\n_base_prepare = prepare\n\n\n"
+        "def prepare(df):  # noqa: F811\n"
+        "    if 'delay_min' not in df.columns and (df['station'] == 'stn-00003').any():\n"
+        "        raise ValueError('station closed for scoring')\n"
+        "    return _base_prepare(df)\n"))
+    spec = make_spec(data["history"], trained_spec.output.registry, pipeline={"prepare": f"{prep}:prepare"},
+                     run={"max_failure_fraction": 0.2})
+    out = tmp_path / "scores"
+    s = score(spec, data=str(data["next"]), output=str(out))
+    assert _unscored(s) == {"stn-00003": (AHEAD, "prepare raised ValueError: station closed for scoring")}
+    assert (s.scored_rows, s.unscored_rows, s.input_rows) == ((N - 1) * AHEAD, AHEAD, N * AHEAD)
+    assert (s.status, s.exit_code) == ("succeeded", 0)  # 1 of 8 ≤ 0.2: reported, yet a success
+    table = _read(out)
+    assert table.num_rows == s.scored_rows
+    assert "stn-00003" not in set(table.column("station").to_pylist())
+    _, parts = Registry(spec.output.registry).run(s.run_id)
+    assert parts is not None
+    assert Counter(parts["status"]) == {"scored": N - 1, "unscored": 1}
+
+
+def test_missing_feature_column_unscores_every_partition(trained: tuple[JobSpec, RunSummary],
+                                                         data: dict[str, Path], tmp_path: Path) -> None:
+    spec, _ = trained
+    assert "wind_kph" in Registry(spec.output.registry).get(JOB, {"station": "stn-00000"}).features
+    out = tmp_path / "scores"
+    s = score(spec, data=str(data["no_wind"]), output=str(out))
+    assert (s.status, s.exit_code) == ("failed", 1)
+    assert (s.input_rows, s.scored_rows, s.unscored_rows, s.partitions_scored) == (N * AHEAD, 0,
+                                                                                   N * AHEAD, 0)
+    assert _unscored(s) == {st: (AHEAD, "feature column 'wind_kph' is missing") for st in STATIONS}
+    assert _read(out).num_rows == 0
+    record, parts = Registry(spec.output.registry).run(s.run_id)
+    assert record["status"] == "failed" and record["rows"]["unscored"] == N * AHEAD
+    assert parts is not None and set(parts["status"]) == {"unscored"} and parts["rows"].sum() == N * AHEAD
+
+    cli = runner.invoke(app, ["score", "--job", str(_job_toml(tmp_path, data["no_wind"], spec)),
+                              "--output", str(tmp_path / "cli-scores"), "--json"])
+    assert cli.exit_code == 1, cli.stderr
+    assert json.loads(cli.stdout)["status"] == "failed"
+
+
+# ----------------------------------------------------------------------------- 4. re-runs
+
+
+def test_rerun_same_run_id_replaces_only_its_rows(trained: tuple[JobSpec, RunSummary],
+                                                  data: dict[str, Path], tmp_path: Path) -> None:
+    spec, _ = trained
+    out = tmp_path / "scores"
+    first = score(spec, data=str(data["next"]), output=str(out))
+    second = score(spec, data=str(data["next"]), output=str(out))
+    assert first.run_id != second.run_id
+    assert sorted(p.name for p in (out / JOB).iterdir()) == sorted(
+        f"score_run_id={r}" for r in (first.run_id, second.run_id))
+    both = _read(out).to_pandas()
+    assert Counter(both["score_run_id"]) == {first.run_id: N * AHEAD, second.run_id: N * AHEAD}
+    second_files = {f: f.read_bytes() for f in _files_under(out / JOB / f"score_run_id={second.run_id}")}
+    old_first = _run_rows(out, first.run_id)
+
+    again = score(spec, data=str(data["next"]), output=str(out), run_id=first.run_id)
+    assert again.run_id == first.run_id
+    _scored(again, N * AHEAD, N)
+    after = _read(out).to_pandas()
+    assert Counter(after["score_run_id"]) == {first.run_id: N * AHEAD, second.run_id: N * AHEAD}
+    new_first = _run_rows(out, first.run_id)
+    assert set(new_first["scored_at"]) != set(old_first["scored_at"])
+    assert new_first["scored_at"].min() > old_first["scored_at"].max()
+    pd.testing.assert_series_equal(new_first.set_index("trip_id")["prediction"].sort_index(),
+                                   old_first.set_index("trip_id")["prediction"].sort_index())
+    # The other run is untouched, byte for byte.
+    assert {f: f.read_bytes() for f in _files_under(out / JOB / f"score_run_id={second.run_id}")} == \
+        second_files
+    # No staging or swapped-out leftovers: at most empty folders under .staging.
+    assert _files_under(out / ".staging") == []
+    assert sorted(p.name for p in (out / JOB).iterdir()) == sorted(
+        f"score_run_id={r}" for r in (first.run_id, second.run_id))
+    runs = {r["run_id"] for r in Registry(spec.output.registry).runs(JOB) if r.get("kind") == "score"}
+    assert {first.run_id, second.run_id} <= runs
+
+
+def test_bad_run_id_is_refused_before_writing(trained: tuple[JobSpec, RunSummary], data: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    spec, _ = trained
+    out = tmp_path / "scores"
+    with pytest.raises(manymodels.SpecError, match="--run-id"):
+        score(spec, data=str(data["next"]), output=str(out), run_id="../escape")
+    assert not out.exists() and not (tmp_path / "escape").exists()
+
+
+# ----------------------------------------------------------------------------- 5. readers
+
+
+def test_readers_never_see_half_a_run(trained: tuple[JobSpec, RunSummary], tmp_path: Path) -> None:
+    a, b = tmp_path / "swap-a", tmp_path / "swap-b"
+    a.mkdir()
+    b.mkdir()
+    (a / "from-a").touch()
+    exchange_works = _exchange(str(a), str(b))
+    if exchange_works:
+        assert (b / "from-a").exists() and not (a / "from-a").exists()
+
+    spec, _ = trained
+    # Stations big enough (20,000 rows) to get a task and a file each: a run is several files.
+    long = tmp_path / "long"
+    write_transit(score_frame(4, 20_000, after_hours=HIST), str(long))
+    out = tmp_path / "scores"
+    run_id = "reader-check"
+    first = score(spec, data=str(long), output=str(out), run_id=run_id)
+    full = first.scored_rows
+    folder = out / JOB / f"score_run_id={run_id}"
+    assert ds.dataset(str(folder)).count_rows() == full == 4 * 20_000
+    assert len(_files_under(folder)) == 4
+
+    counts: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                counts.append(ds.dataset(str(folder), format="parquet").count_rows())
+            except FileNotFoundError:
+                counts.append(0)  # the folder was briefly absent
+            except Exception as exc:  # any other failure: a half-visible run
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        for _ in range(3):
+            s = score(spec, data=str(long), output=str(out), run_id=run_id)
+            assert s.scored_rows == full
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert errors == []
+    assert len(counts) > 10
+    assert set(counts) <= ({full} if exchange_works else {0, full}), Counter(counts)
+    assert counts.count(full) > 10
+    assert ds.dataset(str(folder)).count_rows() == full
+    assert _files_under(out / ".staging") == []
+
+
+# ----------------------------------------------------------------------------- 6. pinned models
+
+
+@pytest.fixture(scope="module")
+def retrained(trained: tuple[JobSpec, RunSummary], make_spec: Any, data: dict[str, Path],
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[JobSpec, RunSummary, RunSummary]:
+    """A copy of the trained registry where stn-00000 and stn-00001 were force-retrained (version 2
+    champions); the other stations have version 1 only."""
+    spec, first = trained
+    registry = tmp_path_factory.mktemp("retrained") / "registry"
+    shutil.copytree(spec.output.registry, registry)
+    spec2 = make_spec(data["history"], registry)
+    forced = manymodels.train(spec2, force=True, only=["station=stn-00000", "station=stn-00001"])
+    assert (forced.trained, forced.promoted) == (2, 2), forced.failures
+    return spec2, first, forced
+
+
+def _versions(out: Path, run_id: str) -> dict[str, tuple[int, str]]:
+    df = _run_rows(out, run_id)
+    per = df.groupby("station").agg(v=("model_version", "unique"), r=("model_run_id", "unique"))
+    assert all(len(v) == 1 for v in per["v"]) and all(len(r) == 1 for r in per["r"])
+    return {st: (int(row.v[0]), str(row.r[0])) for st, row in per.iterrows()}
+
+
+def test_pinned_model_version_and_train_run(retrained: tuple[JobSpec, RunSummary, RunSummary],
+                                            data: dict[str, Path], tmp_path: Path) -> None:
+    spec, first, forced = retrained
+    reg = Registry(spec.output.registry)
+    assert reg.get(JOB, {"station": "stn-00000"}).version == 2
+    out = tmp_path / "scores"
+    nxt = str(data["next"])
+
+    champ = score(spec, data=nxt, output=str(out))
+    _scored(champ, N * AHEAD, N)
+    expect_champ = {st: (2, forced.run_id) if st in ("stn-00000", "stn-00001") else (1, first.run_id)
+                    for st in STATIONS}
+    assert _versions(out, champ.run_id) == expect_champ
+
+    v1 = score(spec, data=nxt, output=str(out), model_version=1)
+    _scored(v1, N * AHEAD, N)
+    assert _versions(out, v1.run_id) == {st: (1, first.run_id) for st in STATIONS}
+    # Version 1 of a retrained partition predicts with version 1's model file.
+    mv1 = reg.get(JOB, {"station": "stn-00000"}, version=1)
+    part = score_frame(N, AHEAD, after_hours=HIST).query("station == 'stn-00000'")
+    got = _run_rows(out, v1.run_id).set_index("trip_id").loc[part["trip_id"].to_numpy(), "prediction"]
+    np.testing.assert_allclose(got.to_numpy(), _plain_predict(mv1.model_uri, mv1.features, part),
+                               rtol=0, atol=1e-12)
+
+    by_run = score(spec, data=nxt, output=str(out), train_run=first.run_id)
+    _scored(by_run, N * AHEAD, N)
+    assert _versions(out, by_run.run_id) == {st: (1, first.run_id) for st in STATIONS}
+
+    v2 = score(spec, data=nxt, output=str(out), model_version=2)
+    assert _versions(out, v2.run_id) == {st: (2, forced.run_id) for st in ("stn-00000", "stn-00001")}
+    assert _unscored(v2) == {st: (AHEAD, "no version 2") for st in STATIONS[2:]}
+    assert (v2.status, v2.exit_code, v2.scored_rows) == ("failed", 1, 2 * AHEAD)
+
+    later = score(spec, data=nxt, output=str(out), train_run=forced.run_id)
+    assert _unscored(later) == {st: (AHEAD, f"train run {forced.run_id} has no model for it")
+                                for st in STATIONS[2:]}
+    assert later.scored_rows == 2 * AHEAD
+
+    with pytest.raises(manymodels.SpecError, match="registered no model"):
+        score(spec, data=nxt, output=str(out), train_run="20990101T000000Z-train-000000")
+    with pytest.raises(manymodels.SpecError, match="cannot be used together"):
+        score(spec, data=nxt, output=str(out), model_version=1, train_run=first.run_id)
+
+
+# ----------------------------------------------------------------------------- 7. fallback
+
+
+def test_global_fallback_scores_untrained_partitions(trained: tuple[JobSpec, RunSummary],
+                                                     make_spec: Any, data: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    spec, train_summary = trained
+    registry = Path(spec.output.registry)
+    current = json.loads((registry / JOB / "global" / "current.json").read_text())
+    assert current["run_id"] == train_summary.run_id
+    fb_spec = make_spec(data["history"], registry, score={"fallback": "global"})
+    out = tmp_path / "scores"
+    s = score(fb_spec, data=str(data["next10"]), output=str(out))
+    _scored(s, (N + 2) * AHEAD, N + 2)
+    versions = _versions(out, s.run_id)
+    assert versions == {**{st: (1, train_summary.run_id) for st in STATIONS},
+                        "stn-00008": (0, train_summary.run_id), "stn-00009": (0, train_summary.run_id)}
+    # The fallback rows are the global model's predictions, station unseen (a missing category).
+    rows = score_frame(N + 2, AHEAD, after_hours=HIST)
+    unseen = rows[rows["station"].isin(["stn-00008", "stn-00009"])]
+    got = _run_rows(out, s.run_id).set_index("trip_id").loc[unseen["trip_id"].to_numpy(), "prediction"]
+    uri = str(registry / current["model_key"])
+    expected = np.concatenate([_plain_predict(uri, list(current["features"]), part)
+                               for _, part in unseen.groupby("station", sort=True)])
+    np.testing.assert_allclose(got.to_numpy(), expected, rtol=0, atol=1e-12)
+    assert "station" in current["features"]
+    _, parts = Registry(str(registry)).run(s.run_id)
+    assert parts is not None
+    by_station = {json.loads(p)["station"]: v for p, v in zip(parts["partition"], parts["model_version"],
+                                                                strict=True)}
+    assert by_station["stn-00008"] == 0 and by_station["stn-00000"] == 1
+
+    # Pinned runs never use the fallback; neither does a spec without it.
+    pinned = score(fb_spec, data=str(data["next10"]), output=str(out), model_version=1)
+    assert _unscored(pinned) == {"stn-00008": (AHEAD, "no version 1"), "stn-00009": (AHEAD, "no version 1")}
+    plain = score(spec, data=str(data["next10"]), output=str(out))
+    assert _unscored(plain) == {"stn-00008": (AHEAD, "no champion"), "stn-00009": (AHEAD, "no champion")}
+
+
+# ----------------------------------------------------------------------------- 8. CLI
+
+
+def _job_toml(tmp_path: Path, data_dir: Path, spec: JobSpec) -> Path:
+    text = (ROOT / "jobs" / "transit.toml").read_text()
+    text = text.replace('source = "partitions/transit"', f'source = "{data_dir}"')
+    text = text.replace('prepare = "jobs/transit.py:prepare"', f'prepare = "{ROOT}/jobs/transit.py:prepare"')
+    text = text.replace('registry = "registry"', f'registry = "{spec.output.registry}"')
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return path
+
+
+def test_cli_score_json(trained: tuple[JobSpec, RunSummary], data: dict[str, Path], tmp_path: Path) -> None:
+    spec, train_summary = trained
+    job = _job_toml(tmp_path, data["history"], spec)
+    out = tmp_path / "cli-scores"
+    result = runner.invoke(app, ["score", "--job", str(job), "--data", str(data["next10"]),
+                                 "--registry", spec.output.registry, "--output", str(out), "--json"])
+    assert result.exit_code == 1, result.stderr  # two stations never trained: over 0.05
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    summary = json.loads(lines[0])
+    assert set(summary) >= SCORE_KEYS
+    assert summary["job"] == JOB and summary["status"] == "failed"
+    assert summary["rows"] == {"input": (N + 2) * AHEAD, "scored": N * AHEAD, "unscored": 2 * AHEAD}
+    assert summary["partitions_scored"] == N
+    assert sorted(summary["unscored"], key=lambda u: u["partition"]["station"]) == [
+        {"partition": {"station": st}, "rows": AHEAD, "reason": "no champion"}
+        for st in ("stn-00008", "stn-00009")]
+    assert set(summary["cost"]) >= {"total_usd", "cpu_seconds", "gpu_seconds"}
+    assert summary["cost"]["cpu_seconds"] > 0
+    assert Path(summary["output"]).is_dir() and Path(summary["output"]).is_relative_to(out)
+    table = _read(out)
+    assert table.num_rows == N * AHEAD
+    assert set(table.column("score_run_id").to_pylist()) == {summary["run_id"]}
+    assert set(table.column("model_run_id").to_pylist()) == {train_summary.run_id}
+    record, _ = Registry(spec.output.registry).run(summary["run_id"])
+    assert record["rows"] == summary["rows"]
+
+    ok = runner.invoke(app, ["score", "--job", str(job), "--data", str(data["next"]), "--output", str(out),
+                             "--json"])
+    assert ok.exit_code == 0, ok.stderr
+    assert json.loads(ok.stdout)["status"] == "succeeded" and len(ok.stdout.splitlines()) == 1
+
+
+def _assert_usage_error(result: Any, *needles: str) -> None:
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    err = result.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_cli_score_usage_errors(trained: tuple[JobSpec, RunSummary], data: dict[str, Path],
+                                tmp_path: Path) -> None:
+    spec, _ = trained
+    job = _job_toml(tmp_path, data["history"], spec)
+    out = tmp_path / "never-written"
+    missing = runner.invoke(app, ["score", "--job", str(job), "--data", str(tmp_path / "nope"),
+                                  "--output", str(out), "--json"])
+    _assert_usage_error(missing, "does not exist", "nope")
+    empty = runner.invoke(app, ["score", "--job", str(job), "--data", str(data["next"]),
+                                "--registry", str(tmp_path / "empty-registry"), "--output", str(out),
+                                "--json"])
+    _assert_usage_error(empty, "no models of job", JOB)
+    for pin in (["--model-version", "1"], ["--train-run", "20260101T000000Z-train-000000"]):
+        pinned = runner.invoke(app, ["score", "--job", str(job), "--data", str(data["next"]),
+                                     "--registry", str(tmp_path / "empty-registry"), "--output", str(out),
+                                     "--json", *pin])
+        _assert_usage_error(pinned, "no models of job", JOB)
+    assert not out.exists() and not (tmp_path / "empty-registry").exists()
+
+
+# ----------------------------------------------------------------------------- 9. hostile keys
+
+
+HOSTILE = {"stn-00000": "../x", "stn-00001": "a/b", "stn-00002": "Zürich Hbf 駅 ☃"}
+
+
+def test_hostile_key_values(ray_session: None, make_spec: Any, tmp_path: Path) -> None:
+    base = tmp_path / "deep" / "er"
+
+    def hostile(df: pd.DataFrame) -> pd.DataFrame:
+        return df.assign(station=df["station"].map(HOSTILE))
+
+    hist = _write_flat(hostile(make_transit(3, HIST)), base / "hist.parquet")
+    nxt = _write_flat(hostile(score_frame(3, AHEAD, after_hours=HIST)), base / "next" / "rows.parquet")
+    spec = make_spec(hist, base / "registry")
+    t = manymodels.train(spec)
+    assert (t.trained, t.failed) == (3, 0), t.failures
+    out = base / "scores"
+    s = score(spec, data=str(nxt), output=str(out))
+    _scored(s, 3 * AHEAD, 3)
+    table = _read(out)
+    assert table.schema.field("station").type == pa.string()
+    assert Counter(table.column("station").to_pylist()) == {v: AHEAD for v in HOSTILE.values()}
+    # Predictions are per partition: each hostile station matches its own model.
+    df = table.to_pandas().set_index("trip_id")
+    reg = Registry(spec.output.registry)
+    rows = hostile(score_frame(3, AHEAD, after_hours=HIST))
+    for station, part in rows.groupby("station"):
+        mv = reg.get(JOB, {"station": station})
+        np.testing.assert_allclose(df.loc[part["trip_id"].to_numpy(), "prediction"].to_numpy(),
+                                   _plain_predict(mv.model_uri, mv.features, part), rtol=0, atol=1e-12)
+    # Nothing written outside the data, registry and scores roots.
+    allowed = (base / "next", base / "registry", out)
+    for f in _files_under(tmp_path):
+        assert f == base / "hist.parquet" or any(f.is_relative_to(r) for r in allowed), f
+    for d in (base / "x", base / "a", tmp_path / "deep" / "x", out / "x", out / "a"):
+        assert not d.exists(), d
+    assert sorted(p.name for p in (out / JOB).iterdir()) == [f"score_run_id={s.run_id}"]
+    assert all(os.path.realpath(f).startswith(str(out.resolve())) for f in _files_under(out))
+
+
+def test_only_scores_selected_partitions(trained: tuple[JobSpec, RunSummary], data: dict[str, Path],
+                                         tmp_path: Path) -> None:
+    spec, _ = trained
+    out = tmp_path / "scores"
+    s = score(spec, data=str(data["next10"]), output=str(out),
+              only=["station=stn-00001", "station=stn-00009"])
+    assert (s.input_rows, s.scored_rows, s.partitions_scored) == (2 * AHEAD, AHEAD, 1)
+    assert s.unscored == [{"partition": {"station": "stn-00009"}, "rows": AHEAD, "reason": "no champion"}]
+    assert set(_read(out).column("station").to_pylist()) == {"stn-00001"}
