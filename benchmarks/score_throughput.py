@@ -69,7 +69,7 @@ def run_floor(data: str, registry: str, trees: int) -> dict[str, Any]:
     import lightgbm as lgb
     import pandas as pd
 
-    from manymodels.pipeline import load_prepare, prepare_features
+    from manymodels.pipeline import load_prepare, model_categories, prepare_features
     from manymodels.registry import Registry
 
     spec = _spec(data, registry, "", trees)
@@ -82,7 +82,7 @@ def run_floor(data: str, registry: str, trees: int) -> dict[str, Any]:
         m = models[str(station)]
         booster = lgb.Booster(model_str=reg.load_model_text(m))
         prepared = prepare(g) if prepare else g
-        fm = prepare_features(prepared, m.features, spec, booster.pandas_categorical or [])
+        fm = prepare_features(prepared, m.features, spec, model_categories(booster))
         work.append((booster, fm.X))
     rows = sum(len(x) for _, x in work)
     best = {}

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from manymodels.data import InputError
@@ -165,8 +165,13 @@ def score(
     raise typer.Exit(summary.exit_code)
 
 
+def _ident(header: str) -> Column:
+    """A column of identifiers (run ids, partitions): wrapped on narrow terminals, never cut with "…"."""
+    return Column(header, overflow="fold", min_width=24)
+
+
 def _runs_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table("run_id", "job", "kind", "status", "started_at", "partitions / rows", "failed",
+    table = Table(_ident("run_id"), "job", "kind", "status", "started_at", "partitions / rows", "failed",
                   "wall_s", "total_usd")
     for r in rows:
         parts = r.get("partitions") or {}
@@ -225,8 +230,8 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run id.")], regist
         out.print(f"  {json.dumps(f.get('partition'))}: {f.get('reason')}", highlight=False)
     if part_rows and "cost_usd" in part_rows[0]:
         top = sorted(part_rows, key=lambda r: r.get("cost_usd") or 0.0, reverse=True)[:10]
-        table = Table("partition", "status", "rows", "wall_s", "cpu_seconds", "gpu_seconds", "cost_usd",
-                      title="most expensive partitions")
+        table = Table(_ident("partition"), "status", "rows", "wall_s", "cpu_seconds", "gpu_seconds",
+                      "cost_usd", title="most expensive partitions")
         for t in top:
             table.add_row(json.dumps(t["partition"]), t["status"], str(t["rows"]), f"{t['wall_s']:.3f}",
                           f"{t['cpu_seconds']:.3f}", f"{t['gpu_seconds']:.3f}", f"{t['cost_usd']:.8f}")
@@ -263,7 +268,8 @@ def models_list(job: JobRefOpt = None, registry: RegistryOpt = None, partition: 
     if as_json:
         _print_json([m.to_dict() for m in models])
         return
-    table = Table("job", "partition", "version", "status", "metric", "rows", "run_id", "trained_at")
+    table = Table("job", _ident("partition"), "version", "status", "metric", "rows", _ident("run_id"),
+                  "trained_at")
     for m in models[:200]:
         value = "" if m.metric_value is None else f"{m.metric}={m.metric_value:.4g}"
         table.add_row(m.job, json.dumps(m.partition), str(m.version), m.status, value, str(m.rows),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "TrainResult",
     "compute_metric",
     "load_prepare",
+    "model_categories",
     "predict_partition",
     "prepare_features",
     "run_prepare",
@@ -164,8 +165,23 @@ def _numeric(series: pd.Series) -> np.ndarray:
         raise PartitionError(f"feature column {name!r} is not numeric: {_one_line(exc)}") from exc
 
 
+def model_categories(booster: lgb.Booster) -> dict[int, list[Any]]:
+    """A trained model's categorical features: feature index → its categories (code order).
+
+    Read from the model itself (its ``categorical_feature`` parameter and LightGBM's
+    ``pandas_categorical`` list), so any model text from the registry can be scored correctly.
+    """
+    idx = booster.params.get("categorical_feature", [])
+    idx = [idx] if isinstance(idx, int) else [int(i) for i in idx]
+    cats = booster.pandas_categorical or []
+    if len(cats) != len(idx):
+        raise PartitionError(f"the model lists {len(idx)} categorical features but {len(cats)} category "
+                             "lists")
+    return dict(zip(idx, (list(c) for c in cats), strict=True))
+
+
 def prepare_features(frame: pd.DataFrame, features: Sequence[str], spec: JobSpec,
-                     categories: Sequence[Sequence[Any]] | None = None) -> FeatureMatrix:
+                     categories: Mapping[int, Sequence[Any]] | None = None) -> FeatureMatrix:
     """Turn feature columns into LightGBM's input without going through pandas categoricals.
 
     Strings, pandas categoricals and ``data.categorical`` columns are categorical: each value is
@@ -177,11 +193,12 @@ def prepare_features(frame: pd.DataFrame, features: Sequence[str], spec: JobSpec
         frame: the (prepared) rows.
         features: feature columns, in model order.
         spec: the job spec (for ``data.categorical``).
-        categories: when scoring, the model's categories per categorical feature; ``None`` when
-            training (they are learnt from ``frame``). Unknown values become missing.
+        categories: when scoring, the model's categorical features by position (see
+            :func:`model_categories`); ``None`` when training (learnt from ``frame``). Unknown values
+            become missing; every other feature must be numeric, as it was at training time.
 
     Raises:
-        PartitionError: a feature is missing, not numeric, or typed unlike at training time.
+        PartitionError: a feature is missing, or not numeric where the model needs numbers.
     """
     missing = [f for f in features if f not in frame.columns]
     if missing:
@@ -191,27 +208,26 @@ def prepare_features(frame: pd.DataFrame, features: Sequence[str], spec: JobSpec
     cat_lists: list[list[Any]] = []
     for j, name in enumerate(features):
         col = frame[name]
-        if not _is_categorical(col, spec):
+        categorical = _is_categorical(col, spec) if categories is None else j in categories
+        if not categorical:
             X[:, j] = _numeric(col)
             continue
         values = np.asarray(col.astype(object).where(col.notna(), None))
         if categories is None:
             codes, uniques = pd.factorize(values, sort=True, use_na_sentinel=True)
-            cat_lists.append([_plain_value(u) for u in uniques])
+            known = [_plain_value(u) for u in uniques]
         else:
-            if len(cat_names) >= len(categories):
-                raise PartitionError(f"feature column {name!r} is categorical here but was numeric "
+            known = list(categories[j])
+            if (known and all(isinstance(k, str) for k in known) and col.notna().any()
+                    and (pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype))):
+                raise PartitionError(f"feature column {name!r} holds numbers here but was text (categorical) "
                                      "when the model was trained")
-            known = categories[len(cat_names)]
             codes = pd.Categorical(values, categories=known).codes if known else np.full(len(values), -1)
         cat_names.append(name)
+        cat_lists.append(known)
         X[:, j] = np.where(codes < 0, np.nan, codes)
-    if categories is not None and len(cat_names) != len(categories):
-        raise PartitionError(f"the model has {len(categories)} categorical features, these rows "
-                             f"{len(cat_names)}: feature types differ from training")
     return FeatureMatrix(X=X, names=tuple(features), categorical=tuple(cat_names),
-                         categories=tuple(cat_lists) if categories is None else tuple(
-                             list(c) for c in categories))
+                         categories=tuple(cat_lists))
 
 
 def _plain_value(value: Any) -> Any:
@@ -390,7 +406,7 @@ def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | 
         try:
             old = lgb.Booster(model_str=champion)
             if old.feature_name() == list(features):
-                old_x = prepare_features(frame.iloc[ho], features, spec, old.pandas_categorical or [])
+                old_x = prepare_features(frame.iloc[ho], features, spec, model_categories(old))
                 old_pred = old.predict(old_x.X, num_threads=params["num_threads"])
                 old_metric = compute_metric(spec.metric, y_ho, np.asarray(old_pred))
                 metrics["champion_" + spec.metric] = old_metric
@@ -426,8 +442,7 @@ def predict_partition(frame: pd.DataFrame, spec: JobSpec, booster: lgb.Booster, 
         PartitionError: prepare failed or a feature the model needs is missing.
     """
     frame = run_prepare(frame, prepare, same_rows=True)
-    fm = prepare_features(frame, features or booster.feature_name(), spec,
-                          booster.pandas_categorical or [])
+    fm = prepare_features(frame, features or booster.feature_name(), spec, model_categories(booster))
     pred = np.asarray(booster.predict(fm.X, num_threads=num_threads), dtype=np.float64)
     if pred.ndim == 2:
         pred = pred.argmax(axis=1).astype(np.float64)

@@ -12,10 +12,12 @@ Output: ``<output.scores>/<job>/score_run_id=<run id>/part-<chunk>.parquet``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -355,8 +357,9 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
                                "registry": registry, "output": output})
     if model_version is not None and train_run:
         raise SpecError("--model-version and --train-run cannot be used together")
-    if run_id is not None and not run_id.replace("-", "").replace("_", "").isalnum():
-        raise SpecError(f"--run-id {run_id!r} may hold only letters, digits, '-' and '_'")
+    # A letter is required so that readers infer the score_run_id folder column as a string.
+    if run_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]*[A-Za-z][A-Za-z0-9_-]*", run_id):
+        raise SpecError(f"--run-id {run_id!r} must be letters, digits, '-' and '_', with at least one letter")
     try:
         load_prepare(spec)
     except SyntaxError as exc:
@@ -374,8 +377,8 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         raise InputError(f"the registry {reg.url} has no models of job {spec.name!r}: train it first")
     refs = _model_refs(reg, spec, plan.keys, plan.partitions, model_version, train_run)
     scores = Store(spec.output.scores)
-    scores.check_writable()
     reg.store.check_writable()
+    scores.check_writable()
 
     run_id = run_id or new_run_id("score")
     keys = plan.keys
@@ -449,6 +452,10 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     if staging.local:
         os.makedirs(staging.root, exist_ok=True)  # a run that scored nothing still replaces old rows
     _publish(staging, final_url)
+    if staging.local:
+        with contextlib.suppress(OSError):  # the job's staging folder, if no other run uses it now
+            os.rmdir(os.path.dirname(staging.root))
+            os.rmdir(os.path.dirname(os.path.dirname(staging.root)))
     wall = time.perf_counter() - started
     held = (_held_embedded(cluster) if embedded else
             Held(cpus=reserved_cpu_s / wall, gpus=reserved_gpu_s / wall))

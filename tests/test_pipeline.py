@@ -296,3 +296,26 @@ def test_predict_partition(frame: pd.DataFrame) -> None:
     assert np.isfinite(pred).all()
     with pytest.raises(PartitionError, match=r"^feature column 'temp_c' is missing$"):
         predict_partition(rows.drop(columns="temp_c"), spec, booster)
+
+
+def test_numeric_feature_arriving_as_text_is_named_at_scoring() -> None:
+    """Categorical features are matched to the model's categories by position in the model, so a
+    numeric feature that arrives as text is reported by its own name (never silently mis-coded)."""
+    import lightgbm as lgb
+
+    from manymodels.pipeline import PartitionError, predict_partition, train_partition
+    from manymodels.spec import spec_from_dict
+
+    rng = np.random.default_rng(3)
+    n = 120
+    frame = pd.DataFrame({"k": ["a"] * n, "x1": rng.normal(size=n),
+                          "x2": rng.choice(["p", "q"], size=n), "y": rng.normal(size=n)})
+    spec = spec_from_dict({"data": {"source": "unused", "partition_by": ["k"], "target": "y"}})
+    result = train_partition(frame, spec)
+    booster = lgb.Booster(model_str=result.model_str)
+    text = frame.assign(x1="high")
+    with pytest.raises(PartitionError, match="feature column 'x1' is not numeric"):
+        predict_partition(text, spec, booster, features=result.features)
+    numbers = frame.assign(x2=1.0)
+    with pytest.raises(PartitionError, match="feature column 'x2' holds numbers here"):
+        predict_partition(numbers, spec, booster, features=result.features)

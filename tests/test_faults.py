@@ -1,0 +1,327 @@
+"""Fault injection: what a run survives (a dying worker, a killed driver, a concurrent run, a hanging
+partition) and what the registry looks like afterwards.
+
+Tests that use the session's Ray call :func:`manymodels.train` in-process; the others run the console
+script as subprocesses, each starting its own embedded Ray (no ``RAY_ADDRESS`` in their environment).
+A score re-run racing a reader of its folder is covered by ``test_score.py``
+(``test_readers_never_see_half_a_run``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import manymodels
+from manymodels import Registry
+from manymodels.synth import make_transit
+
+ROOT = Path(__file__).resolve().parents[1]
+CONSOLE_SCRIPT = ROOT / ".venv" / "bin" / "manymodels"
+JOB = "faults"
+
+JOB_TOML = """\
+[job]
+name = "{job}"
+
+[data]
+source = "{data}"
+partition_by = ["station"]
+target = "delay_min"
+time_column = "ts"
+exclude = ["trip_id"]
+
+[pipeline]
+prepare = "{prepare}:prepare"
+
+[model]
+objective = "regression"
+params = {{ num_leaves = 7, learning_rate = 0.2, n_estimators = 10, min_data_in_leaf = 5 }}
+
+[validation]
+holdout_fraction = 0.2
+metric = "mae"
+min_rows = 20
+
+[resources]
+num_cpus = 1
+
+[output]
+registry = "{registry}"
+
+[run]
+max_failure_fraction = 0.5
+max_retries = 2
+{run}
+"""
+
+
+def write_data(tmp_path: Path, stations: int, hours: int = 48) -> Path:
+    """``stations`` × ``hours`` rows of transit data as one Parquet file."""
+    path = tmp_path / "data.parquet"
+    make_transit(stations, hours).to_parquet(path, index=False)
+    return path
+
+
+def write_job(tmp_path: Path, data: Path, prepare_body: str, run: str = "") -> Path:
+    """A job spec (TOML) whose ``prepare`` is ``def prepare(df):`` + ``prepare_body``."""
+    prepare = tmp_path / "prep.py"
+    prepare.write_text("import os\nimport time\n\n\ndef prepare(df):\n" + prepare_body)
+    path = tmp_path / "job.toml"
+    path.write_text(JOB_TOML.format(job=JOB, data=data, prepare=prepare, registry=tmp_path / "registry",
+                                    run=run))
+    return path
+
+
+def versions_by_station(reg: Registry) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = defaultdict(list)
+    for m in reg.list(JOB, all_versions=True):
+        out[m.partition["station"]].append(m.version)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def assert_one_champion_each(reg: Registry, stations: int) -> None:
+    champions = Counter(m.partition["station"] for m in reg.list(JOB))
+    assert len(champions) == stations and set(champions.values()) == {1}, champions
+    every = reg.list(JOB, all_versions=True)
+    assert Counter(m.partition["station"] for m in every if m.status == "champion") == champions
+
+
+def assert_visible_models_exist(reg: Registry) -> None:
+    for m in reg.list(JOB, all_versions=True):
+        assert Path(m.model_uri).is_file(), m
+
+
+def cli_train(job: Path, *extra: str) -> list[str]:
+    return [str(CONSOLE_SCRIPT), "train", "--job", str(job), "--json", *extra]
+
+
+def one_json(stdout: str) -> Any:
+    lines = stdout.splitlines()
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0])
+
+
+def kill_session(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL a subprocess started with ``start_new_session=True`` and everything it started.
+
+    Its process group first, then any descendant that left it (Ray daemons may), found before the
+    kill by walking the tree and after it by session id.
+    """
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    strays = list(tree)
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid:
+                strays.append(p)
+        except (ProcessLookupError, PermissionError):
+            continue
+    for p in strays:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(strays, timeout=20)
+    assert not alive, alive
+
+
+# ----------------------------------------------------------------------------- 1. worker dies
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_worker_process_killed_mid_task_is_retried(tmp_path: Path) -> None:
+    data = write_data(tmp_path, 8)
+    marker = tmp_path / "killed-once"
+    job = write_job(tmp_path, data, f"""\
+    if df["station"].iloc[0] == "stn-00003":
+        try:
+            os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return df
+        os._exit(1)  # the Ray worker process dies mid-task, once
+    return df
+""")
+    s = manymodels.train(job)
+    assert marker.exists()  # the fault did happen
+    assert (s.total, s.trained, s.failed, s.skipped) == (8, 8, 0, 0), s.failures
+    assert s.status == "succeeded"
+    reg = Registry(str(tmp_path / "registry"))
+    assert versions_by_station(reg) == {f"stn-{i:05d}": [1] for i in range(8)}
+    assert_one_champion_each(reg, 8)
+    assert_visible_models_exist(reg)
+
+
+# ----------------------------------------------------------------------------- 2. driver killed
+
+
+def test_driver_killed_then_rerun_resumes(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    stations = 200
+    data = write_data(tmp_path, stations)
+    release = tmp_path / "release"
+    # Stations from stn-00120 on wait until `release` exists (never, in the run that gets killed):
+    # the first run is still busy when it has committed its early chunks, on any number of CPUs.
+    job = write_job(tmp_path, data, f"""\
+    deadline = time.monotonic() + 120
+    while (int(df["station"].iloc[0][4:]) >= 120 and not os.path.exists({str(release)!r})
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    return df
+""")
+    registry = tmp_path / "registry"
+    index = registry / JOB / "index"
+    cmd = cli_train(job)
+    with open(tmp_path / "killed.out", "wb") as out, open(tmp_path / "killed.err", "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(index.glob("*.parquet")):
+            assert proc.poll() is None, (tmp_path / "killed.err").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no index segment committed in 120 s"
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run finished before it was killed"
+    finally:
+        kill_session(proc)
+    assert proc.returncode == -signal.SIGKILL
+
+    reg = Registry(str(registry))
+    committed = {m.partition["station"]: m for m in reg.list(JOB, all_versions=True)}
+    assert 0 < len(committed) < stations  # killed mid-run, after at least one commit
+    assert all(m.version == 1 and m.status == "champion" for m in committed.values())
+    killed_run = {m.run_id for m in committed.values()}
+    assert len(killed_run) == 1
+    on_disk_before = {str(p) for p in (registry / JOB / "models").rglob("*.txt")}
+    release.touch()
+
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=clean_env, capture_output=True, text=True,
+                           timeout=180, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    s = one_json(rerun.stdout)
+    assert s["status"] == "succeeded" and s["failures"] == []
+    # What was committed is not redone; everything else (even models the killed run had written
+    # but not yet committed) is trained again.
+    assert s["partitions"]["skipped"] == len(committed) > 0
+    assert s["partitions"]["trained"] == stations - len(committed)
+    assert s["partitions"]["failed"] == 0
+
+    reg = Registry(str(registry))
+    assert versions_by_station(reg) == {f"stn-{i:05d}": [1] for i in range(stations)}
+    assert_one_champion_each(reg, stations)
+    after = {m.partition["station"]: m for m in reg.list(JOB, all_versions=True)}
+    for station, m in committed.items():
+        assert after[station] == m  # the committed version is kept as it was
+    assert {m.run_id for st, m in after.items() if st not in committed} == {s["run_id"]}
+    # Only indexed models are visible: the killed run's uncommitted model files (orphans on disk)
+    # are never listed.
+    visible = {m.model_uri for m in after.values()}
+    assert_visible_models_exist(reg)
+    orphans = on_disk_before - {m.model_uri for m in committed.values()}
+    assert not orphans & visible
+    assert len(list(index.glob("*.parquet"))) == 1  # compacted at the end of the re-run
+
+
+def test_driver_killed_holding_the_registry_lock_does_not_block_the_next(tmp_path: Path) -> None:
+    # A driver SIGKILLed inside a commit (or the end-of-run compaction) leaves the lock object behind.
+    registry = tmp_path / "registry"
+    holder = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys\nfrom manymodels.storage import Store\n"
+         "with Store(sys.argv[1]).lock(sys.argv[2]):\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+         str(registry), f"{JOB}/index.lock"], timeout=60, check=False)
+    assert holder.returncode == -signal.SIGKILL
+    assert (registry / JOB / "index.lock").exists()
+    done: list[float] = []
+
+    def compact() -> None:  # what every later commit, promote and run end does first
+        t0 = time.monotonic()
+        Registry(str(registry)).compact(JOB)
+        done.append(time.monotonic() - t0)
+
+    thread = threading.Thread(target=compact, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert done, "the lock of a dead driver blocked the registry"
+    assert not (registry / JOB / "index.lock").exists()
+
+
+# ----------------------------------------------------------------------------- 3. concurrent runs
+
+
+def test_two_concurrent_runs_share_the_registry(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    stations = 12
+    data = write_data(tmp_path, stations)
+    job = write_job(tmp_path, data, "    return df\n")
+    procs = [subprocess.Popen(cli_train(job, "--force"), cwd=tmp_path, env=clean_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for _ in range(2)]
+    results = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=180)
+            results.append((p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:  # pragma: no cover - only when a run hangs
+                kill_session(p)
+    for rc, stdout, stderr in results:
+        assert rc == 0, stderr[-3000:]
+        s = one_json(stdout)
+        assert s["partitions"]["trained"] == stations and s["partitions"]["failed"] == 0
+
+    reg = Registry(str(tmp_path / "registry"))
+    assert versions_by_station(reg) == {f"stn-{i:05d}": [1, 2] for i in range(stations)}
+    assert_one_champion_each(reg, stations)
+    assert_visible_models_exist(reg)
+    runs = {one_json(stdout)["run_id"] for _, stdout, _ in results}
+    for station in (f"stn-{i:05d}" for i in range(stations)):
+        # the two versions of a partition come from the two runs, one each
+        assert {m.run_id for m in reg.list(JOB, partition={"station": station}, all_versions=True)} == runs
+    # Whichever run ended last compacted every commit of both into one segment, which resolves the
+    # same as the events did; compacting again changes nothing.
+    segments = list((tmp_path / "registry" / JOB / "index").glob("*.parquet"))
+    assert len(segments) == 1, segments
+    before = [m.to_dict() for m in reg.list(JOB, all_versions=True)]
+    reg.compact(JOB)
+    assert [m.to_dict() for m in Registry(str(tmp_path / "registry")).list(JOB, all_versions=True)] == before
+
+
+# ----------------------------------------------------------------------------- 4. a partition hangs
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_hanging_partition_times_out(tmp_path: Path) -> None:
+    data = write_data(tmp_path, 6)
+    job = write_job(tmp_path, data, """\
+    if df["station"].iloc[0] == "stn-00002":
+        time.sleep(60)
+    return df
+""", run="timeout_s = 2")
+    t0 = time.perf_counter()
+    s = manymodels.train(job)
+    wall = time.perf_counter() - t0
+    assert wall < 30
+    assert (s.total, s.trained, s.failed) == (6, 5, 1)
+    [failure] = s.failures
+    assert failure["partition"] == {"station": "stn-00002"}
+    assert failure["reason"].startswith("timeout"), failure
+    reg = Registry(str(tmp_path / "registry"))
+    assert sorted(versions_by_station(reg)) == [f"stn-{i:05d}" for i in range(6) if i != 2]
