@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from manymodels.storage import Store
+from manymodels.storage import Store, process_gone
 
 __all__ = [
     "ModelVersion",
@@ -166,6 +166,13 @@ class ModelVersion:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (the contract's ``models list/show --json`` entries)."""
         return dataclasses.asdict(self)
+
+
+def _live_status(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record whose driver died while it was running reads as ``interrupted``."""
+    if record.get("status") == "running" and process_gone(record.get("driver")):
+        return {**record, "status": "interrupted"}
+    return record
 
 
 def _now() -> dt.datetime:
@@ -459,7 +466,7 @@ class Registry:
         for j in jobs:
             for key in self.store.glob(f"{j}/runs/*/run.json"):
                 try:
-                    out.append(json.loads(self.store.read_bytes(key)))
+                    out.append(_live_status(json.loads(self.store.read_bytes(key))))
                 except (FileNotFoundError, json.JSONDecodeError):
                     continue
         return sorted(out, key=lambda r: str(r.get("started_at", "")), reverse=True)
@@ -475,7 +482,7 @@ class Registry:
         keys = self.store.glob(f"*/runs/{run_id}/run.json")
         if not keys:
             raise RegistryError(f"no run {run_id!r} in {self.url}")
-        record = json.loads(self.store.read_bytes(keys[0]))
+        record = _live_status(json.loads(self.store.read_bytes(keys[0])))
         part_key = keys[0].rsplit("/", 1)[0] + "/partitions.parquet"
         try:
             parts = self.store.read_parquet(part_key).to_pandas()

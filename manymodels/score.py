@@ -45,7 +45,7 @@ from manymodels.progress import RunProgress
 from manymodels.registry import Registry, encode_partition, partition_id
 from manymodels.runinfo import environment, new_run_id, utc_now
 from manymodels.spec import JobSpec, SpecError
-from manymodels.storage import StorageError, Store
+from manymodels.storage import StorageError, Store, process_identity
 from manymodels.train import PartitionTimeout, _held_embedded, pack_plan, parse_only, resolve_spec, time_limit
 
 __all__ = ["ScoreSummary", "score", "score_chunk"]
@@ -397,7 +397,8 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         "run_id": run_id, "job": spec.name, "kind": "score", "status": "running",
         "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
         "data": source.url, "output": scores.uri(spec.name), "registry": reg.url,
-        "environment": environment(), "model_version": model_version, "train_run": train_run}
+        "environment": environment(), "model_version": model_version, "train_run": train_run,
+        "driver": process_identity()}
     reg.write_run(spec.name, run_id, record)
     ctx = ScoreContext(spec=spec, source=source, keys=keys, columns=None, keep=tuple(keep),
                        registry_url=reg.url, staging_url=staging_url, run_id=run_id,

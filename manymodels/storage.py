@@ -166,15 +166,11 @@ class Store:
         Only a holder on this very machine (same host name, boot and PID namespace) can be checked;
         anything else (another machine, an unreadable or foreign lock) counts as alive.
         """
-        machine = _machine()
         try:
             holder = json.loads(self.read_bytes(key))
         except (OSError, ValueError):
             return False
-        if not machine or not isinstance(holder, dict) or holder.get("machine") != machine:
-            return False
-        pid = holder.get("pid")
-        return isinstance(pid, int) and pid > 0 and _process_start(pid) != holder.get("start")
+        return process_gone(holder)
 
     @contextmanager
     def lock(self, key: str, *, timeout_s: float = 330.0, stale_s: float = 300.0) -> Iterator[None]:
@@ -187,8 +183,7 @@ class Store:
         import time
 
         deadline = time.monotonic() + timeout_s
-        token = json.dumps({"machine": _machine(), "pid": os.getpid(), "start": _process_start(os.getpid()),
-                            "token": uuid.uuid4().hex}).encode()
+        token = json.dumps({**process_identity(), "token": uuid.uuid4().hex}).encode()
         while not self.create_exclusive(key, token):
             try:
                 held = self.read_bytes(key)
@@ -210,6 +205,23 @@ class Store:
             yield
         finally:
             self.delete(key)
+
+
+def process_identity() -> dict[str, Any]:
+    """Who this process is (machine, PID, start time), to tell later whether it still runs."""
+    return {"machine": _machine(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def process_gone(identity: Any) -> bool:
+    """Whether the process of :func:`process_identity` ran on this machine and no longer runs.
+
+    ``False`` when that cannot be told (another machine, no identity): such a process counts as alive.
+    """
+    machine = _machine()
+    if not machine or not isinstance(identity, dict) or identity.get("machine") != machine:
+        return False
+    pid = identity.get("pid")
+    return isinstance(pid, int) and pid > 0 and _process_start(pid) != identity.get("start")
 
 
 def _machine() -> str:

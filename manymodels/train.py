@@ -46,7 +46,7 @@ from manymodels.progress import RunProgress
 from manymodels.registry import NewVersion, Registry, encode_partition, partition_id
 from manymodels.runinfo import environment, new_run_id, utc_now
 from manymodels.spec import JobSpec, SpecError, load_spec, spec_hash
-from manymodels.storage import StorageError, Store
+from manymodels.storage import StorageError, Store, process_identity
 
 __all__ = ["PartitionOutcome", "RunSummary", "parse_only", "train", "train_chunk"]
 
@@ -403,7 +403,7 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         "run_id": run_id, "job": job, "kind": "train", "status": "running",
         "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
         "spec_hash": shash, "data": source.url, "registry": reg.url, "environment": environment(),
-        "partitions": {"total": len(planned)}, "device": device_note}
+        "partitions": {"total": len(planned)}, "device": device_note, "driver": process_identity()}
     reg.write_run(job, run_id, record)
 
     address = address or os.environ.get("RAY_ADDRESS") or None

@@ -209,6 +209,9 @@ def test_driver_killed_then_rerun_resumes(tmp_path: Path, clean_env: dict[str, s
     assert all(m.version == 1 and m.status == "champion" for m in committed.values())
     killed_run = {m.run_id for m in committed.values()}
     assert len(killed_run) == 1
+    # Its run record was never finished: it reads as interrupted, not running forever.
+    record, _ = reg.run(next(iter(killed_run)))
+    assert record["status"] == "interrupted"
     on_disk_before = {str(p) for p in (registry / JOB / "models").rglob("*.txt")}
     release.touch()
 
