@@ -146,8 +146,7 @@ def half_gpu(ray_session: None, make_spec: Any, data16: Path, slow_prepare: str,
 
 # 1. Logical GPUs ---------------------------------------------------------------------------------
 
-def test_half_gpu_tasks_run_two_at_once(half_gpu: GpuRun
-                                        ) -> None:
+def test_half_gpu_tasks_run_two_at_once(half_gpu: GpuRun) -> None:
     spec, s, record, parts = half_gpu
     assert (s.status, s.total, s.trained, s.failed) == ("succeeded", 16, 16, 0)
     assert record["device"] == "cpu"
@@ -159,13 +158,11 @@ def test_half_gpu_tasks_run_two_at_once(half_gpu: GpuRun
     pairs = overlapping(parts)
     assert pairs, parts[["partition", "started_s", "wall_s"]]
     parts_p = list(parts["partition"])
-    assert any(tasks[parts_p[a]] != tasks[parts_p[b]] for a, b in pairs)
     assert all(tasks[parts_p[a]] != tasks[parts_p[b]] for a, b in pairs), parts
     assert (parts["wall_s"] >= SLOW_S).all()
 
 
-def test_half_gpu_seconds_and_dollars(half_gpu: GpuRun
-                                      ) -> None:
+def test_half_gpu_seconds_and_dollars(half_gpu: GpuRun) -> None:
     _, s, record, parts = half_gpu
     for r in parts.itertuples():
         assert r.gpu_seconds == pytest.approx(0.5 * r.wall_s, rel=1e-12) and r.gpu_seconds > 0
@@ -402,8 +399,7 @@ def test_budget_stops_submitting(tmp_path: Path) -> None:
 
 # 6. runs show ------------------------------------------------------------------------------------
 
-def test_runs_show_cost_summary_and_top_partitions(
-        half_gpu: GpuRun) -> None:
+def test_runs_show_cost_summary_and_top_partitions(half_gpu: GpuRun) -> None:
     spec, s, _, parts = half_gpu
     result = run_cli("runs", "show", s.run_id, "--registry", spec.output.registry)
     assert result.exit_code == 0, result.stderr
