@@ -11,9 +11,9 @@ champion (``Registry.list``) from a fresh ``Registry`` object. Targets (issue 5)
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import resource
 import shutil
 import sys
 import time
@@ -25,6 +25,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from memory import peak_rss_mb, reset_peak  # noqa: E402
 from train_overhead import TreeRss  # noqa: E402
 
 
@@ -52,6 +53,8 @@ def main() -> None:
     write_transit(score_frame(args.n, args.score_rows, after_hours=args.rows), str(work / "tonight"),
                   layout="flat", files=16)
     print(f"generated in {time.perf_counter() - t:.1f}s", flush=True)
+    gc.collect()
+    reset_peak()  # the driver's peak, not the generator's
     spec = load_spec(ROOT / "jobs/transit.toml", data=str(work / "history"), registry=str(work / "registry"),
                      output=str(work / "scores"), prepare=str(ROOT / "jobs/transit.py") + ":prepare")
     params = {**spec.model.params, "n_estimators": args.trees, "min_data_in_leaf": 5}
@@ -82,7 +85,7 @@ def main() -> None:
     result.update(score_rows_in=sc.input_rows, score_scored=sc.scored_rows, score_unscored=sc.unscored_rows,
                   score_ray_tree_peak_mb=tree.peak_tree_mb, score_worker_peak_mb=tree.peak_worker_mb)
     print(f"score: {sc.scored_rows} of {sc.input_rows} rows in {result['score_wall_s']:.1f}s", flush=True)
-    result["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["driver_peak_mb"] = peak_rss_mb()
     print("| metric | value |\n|---|---|")
     for k, v in result.items():
         print(f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 TRAIN_HOURS = 240
 
 
@@ -118,7 +118,9 @@ def child(args: argparse.Namespace) -> None:
         result = run_floor(args.data, args.registry, args.trees)
     else:
         result = run_manymodels(args.data, args.registry, args.trees, args.scores)
-    result["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from memory import peak_rss_mb  # benchmarks/ is on sys.path
+
+    result["driver_peak_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 
 
 def _spec(data: str, registry: str, trees: int) -> Any:
@@ -164,7 +164,9 @@ def child(args: argparse.Namespace) -> None:
         result = run_loop(args.data, args.trees)
     else:
         result = run_manymodels(args.data, args.trees, args.registry)
-    result["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from memory import peak_rss_mb  # benchmarks/ is on sys.path
+
+    result["driver_peak_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
 
 

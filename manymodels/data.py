@@ -206,25 +206,28 @@ def plan_partitions(source: Source, keys: Sequence[str],
     Raises:
         InputError: a file cannot be read, or the data has no rows.
     """
-    file_index = {f: i for i, f in enumerate(source.files)}
     merged: dict[Key, tuple[int, list[int]]] = {}
     total = 0
     try:
-        # Batch by batch, so the driver's memory grows with the number of partitions, not rows.
-        scanner = source.dataset().scanner(columns=[*keys, "__filename"], use_threads=True)
+        # Batch by batch with little read-ahead, so the driver's memory grows with the number of
+        # partitions, not rows. ``__fragment_index`` is the file's position in ``source.files``
+        # (the dataset is opened from that list), a small integer where a file name would be a
+        # string per row.
+        scanner = source.dataset().scanner(columns=[*keys, "__fragment_index"], use_threads=True,
+                                           batch_readahead=2, fragment_readahead=2)
         for batch in scanner.to_batches():
             if batch.num_rows == 0:
                 continue
             total += batch.num_rows
             counts = pa.Table.from_batches([batch]).group_by(
-                [*keys, "__filename"], use_threads=False).aggregate([([], "count_all")])
+                [*keys, "__fragment_index"], use_threads=False).aggregate([([], "count_all")])
             key_cols = [counts.column(k).to_pylist() for k in keys]
-            files = counts.column("__filename").to_pylist()
+            files = counts.column("__fragment_index").to_pylist()
             rows = counts.column("count_all").to_pylist()
-            for i, fname in enumerate(files):
+            for i, file in enumerate(files):
                 key = tuple(_canon(col[i]) for col in key_cols)
                 n, fl = merged.get(key, (0, []))
-                fl.append(file_index[fname])
+                fl.append(file)
                 merged[key] = (n + rows[i], fl)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise InputError(f"cannot read {source.url!r}: {_first_line(exc)}") from None
@@ -289,7 +292,8 @@ def read_partitions(source: Source, keys: Sequence[str], wanted: Sequence[Key],
     if table.num_rows:
         order = pc.sort_indices(table, sort_keys=[(k, "ascending", "at_end") for k in keys]) \
             if _sort_keys_supported() else pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys])
-        table = table.take(order)
+        if not np.array_equal(order.to_numpy(), np.arange(table.num_rows)):
+            table = table.take(order)  # data sorted by key (the fast layout) needs no copy
     spans: dict[Key, tuple[int, int]] = {}
     want = set(wanted)
     if table.num_rows:

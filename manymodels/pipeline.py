@@ -17,6 +17,8 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from manymodels.spec import OBJECTIVES_CLASSIFICATION, JobSpec
 
@@ -212,22 +214,49 @@ def prepare_features(frame: pd.DataFrame, features: Sequence[str], spec: JobSpec
         if not categorical:
             X[:, j] = _numeric(col)
             continue
-        values = np.asarray(col.astype(object).where(col.notna(), None))
-        if categories is None:
-            codes, uniques = pd.factorize(values, sort=True, use_na_sentinel=True)
-            known = [_plain_value(u) for u in uniques]
-        else:
-            known = list(categories[j])
-            if (known and all(isinstance(k, str) for k in known) and col.notna().any()
-                    and (pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype))):
-                raise PartitionError(f"feature column {name!r} holds numbers here but was text (categorical) "
-                                     "when the model was trained")
-            codes = pd.Categorical(values, categories=known).codes if known else np.full(len(values), -1)
+        known = None if categories is None else list(categories[j])
+        if (known and all(isinstance(k, str) for k in known) and col.notna().any()
+                and (pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype))):
+            raise PartitionError(f"feature column {name!r} holds numbers here but was text (categorical) "
+                                 "when the model was trained")
+        codes, known = _category_codes(col, known)
         cat_names.append(name)
         cat_lists.append(known)
-        X[:, j] = np.where(codes < 0, np.nan, codes)
+        X[:, j] = codes
     return FeatureMatrix(X=X, names=tuple(features), categorical=tuple(cat_names),
                          categories=tuple(cat_lists))
+
+
+def _category_codes(col: pd.Series, known: list[Any] | None) -> tuple[np.ndarray, list[Any]]:
+    """Codes (float, NaN for missing or unknown) of ``col`` in ``known`` (sorted categories);
+    ``known=None`` learns them from ``col`` as pandas' ``astype("category")`` would.
+
+    Text columns take Arrow's vectorised path (UTF-8 byte order is code point order, so the sort
+    matches Python's); anything else (numbers, mixed objects) goes through pandas.
+    """
+    arr = None
+    if not (pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype)):
+        try:
+            arr = pa.array(col, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            arr = None
+        if arr is not None and pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        if arr is not None and not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            arr = None
+    if arr is not None and (known is None or all(isinstance(k, str) for k in known)):
+        if known is None:
+            uniq = pc.unique(arr).drop_null()
+            known = uniq.take(pc.sort_indices(uniq)).to_pylist()
+        index = pc.index_in(arr, value_set=pa.array(known, type=arr.type))
+        return index.to_numpy(zero_copy_only=False).astype(np.float64), known
+    values = np.asarray(col.astype(object).where(col.notna(), None))
+    if known is None:
+        codes, uniques = pd.factorize(values, sort=True, use_na_sentinel=True)
+        known = [_plain_value(u) for u in uniques]
+    else:
+        codes = pd.Categorical(values, categories=known).codes if known else np.full(len(values), -1)
+    return np.where(codes < 0, np.nan, codes).astype(np.float64), known
 
 
 def _plain_value(value: Any) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from manymodels.cost import Held, JobCost, hourly_usd, job_cost, partition_cost, within_budget
+from manymodels.cost import Held, JobCost, job_cost, partition_cost
 from manymodels.data import (
     InputError,
     Plan,
@@ -46,7 +46,16 @@ from manymodels.registry import Registry, encode_partition, partition_id
 from manymodels.runinfo import environment, new_run_id, utc_now
 from manymodels.spec import JobSpec, SpecError
 from manymodels.storage import StorageError, Store, process_identity
-from manymodels.train import PartitionTimeout, _held_embedded, pack_plan, parse_only, resolve_spec, time_limit
+from manymodels.train import (
+    PartitionTimeout,
+    _held_embedded,
+    budget_gate,
+    check_prepare,
+    pack_plan,
+    parse_only,
+    resolve_spec,
+    time_limit,
+)
 
 __all__ = ["ScoreSummary", "score", "score_chunk"]
 
@@ -218,7 +227,6 @@ def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
         out.append(_out(p, res, status="scored", rows=b - a, model_version=p.model.version,
                         wall_s=time.perf_counter() - t0))
     if keep.any():
-        mask = pa.array(keep)
         cols = {name: table.column(name) for name in ctx.keep}
         n = table.num_rows
         result = pa.table({
@@ -228,7 +236,9 @@ def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
             "model_run_id": pa.array(run_ids, pa.string()),
             "scored_at": pa.array(np.full(n, np.datetime64(ctx.scored_at.replace(tzinfo=None), "us")),
                                   pa.timestamp("us", tz="UTC")),
-        }).filter(mask)
+        })
+        if not keep.all():
+            result = result.filter(pa.array(keep))
         Store(ctx.staging_url).write_parquet(f"part-{task.chunk:05d}.parquet", result,
                                              row_group_size=ROW_GROUP_ROWS, compression="zstd")
     return out
@@ -360,12 +370,7 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     # A letter is required so that readers infer the score_run_id folder column as a string.
     if run_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]*[A-Za-z][A-Za-z0-9_-]*", run_id):
         raise SpecError(f"--run-id {run_id!r} must be letters, digits, '-' and '_', with at least one letter")
-    try:
-        load_prepare(spec)
-    except SyntaxError as exc:
-        raise SpecError(f"pipeline.prepare {spec.pipeline.prepare!r} does not compile: {exc}") from None
-    except PartitionError as exc:
-        raise SpecError(str(exc)) from None
+    check_prepare(spec)
     source = open_source(spec.data.source, spec.data.format)
     d = spec.data
     check_columns(source, {"partition_by": d.partition_by, "score.passthrough": spec.score.passthrough})
@@ -415,19 +420,13 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
                  for n, (res, idx, files) in enumerate(pack_plan(plan, spec, slots, min_rows=20_000,
                                                                  max_rows=1_000_000))]
         engine.warm_up(min(int(slots), len(tasks)))
-        rate = hourly_usd(_held_embedded(cluster), spec.cost)
-
-        def gate() -> bool:  # [cost] max_usd: stop submitting once the projection exceeds it
-            spent = ((time.perf_counter() - started) * rate / 3600.0 if engine.embedded else sum(
-                partition_cost(o.wall_s, o.num_cpus, o.num_gpus, o.memory_mb, spec.cost).cost_usd
-                for o in outcomes))
-            return within_budget(spent, len(outcomes), len(planned), spec.cost.max_usd)
+        gate = budget_gate(spec, engine.embedded, cluster, started, outcomes, len(planned))
 
         with RunProgress(f"score {spec.name}", len(planned), progress) as bar:
             unscored = 0
             for item in engine.map(score_chunk, tasks, resources=[t.resources for t in tasks],
                                    shared=ctx, max_retries=spec.run.max_retries,
-                                   gate=gate if spec.cost.max_usd is not None else None):
+                                   gate=gate):
                 if item is None:
                     continue
                 i, result, node, task_wall = item

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -62,7 +62,6 @@ class PlannedPartition:
     partition: str
     rows: int
     champion_key: str | None
-    champion_features: tuple[str, ...]
     latest_fingerprint: str | None
     latest_spec_hash: str | None
 
@@ -185,6 +184,14 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
 
 def _peak_rss_mb() -> float:
+    """Peak RSS of this worker process (VmHWM: unlike ru_maxrss, not inherited from its parent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -331,6 +338,16 @@ def _check_inputs(spec: JobSpec, source: Source) -> None:
         check_columns(source, {"features": d.features})
 
 
+def check_prepare(spec: JobSpec) -> None:
+    """Compile and load the spec's prepare function now, so its errors are spec errors (exit 2)."""
+    try:
+        load_prepare(spec)
+    except SyntaxError as exc:
+        raise SpecError(f"pipeline.prepare {spec.pipeline.prepare!r} does not compile: {exc}") from None
+    except PartitionError as exc:
+        raise SpecError(str(exc)) from None
+
+
 def resolve_spec(spec: JobSpec | str | Path | None, overrides: Mapping[str, Any]) -> JobSpec:
     """A spec object from a spec, a TOML path or overrides alone (flags win over the file)."""
     if isinstance(spec, JobSpec):
@@ -367,13 +384,7 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
                                "registry": registry})
     if limit is not None and limit < 1:
         raise SpecError(f"--limit must be at least 1, got {limit}")
-    try:
-        prepare_ok = load_prepare(spec)
-    except SyntaxError as exc:
-        raise SpecError(f"pipeline.prepare {spec.pipeline.prepare!r} does not compile: {exc}") from None
-    except PartitionError as exc:
-        raise SpecError(str(exc)) from None
-    del prepare_ok
+    check_prepare(spec)
     source = open_source(spec.data.source, spec.data.format)
     _check_inputs(spec, source)
     plan = plan_partitions(source, spec.data.partition_by, parse_only(only, spec.data.partition_by))
@@ -396,7 +407,6 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         planned.append(PlannedPartition(
             key=p.key, pid=pid, partition=encode_partition(keys, p.key), rows=p.rows,
             champion_key=champ["model_key"] if champ else None,
-            champion_features=tuple(json.loads(champ["features"])) if champ else (),
             latest_fingerprint=latest["fingerprint"] if latest else None,
             latest_spec_hash=latest["spec_hash"] if latest else None))
     record: dict[str, Any] = {
@@ -428,18 +438,12 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         pending_commit: list[PartitionOutcome] = []
         last_commit = time.perf_counter()
         failed = 0
-        rate = hourly_usd(_held_embedded(cluster), spec.cost)
-
-        def gate() -> bool:  # [cost] max_usd: stop submitting once the projection exceeds it
-            spent = ((time.perf_counter() - started) * rate / 3600.0 if engine.embedded else sum(
-                partition_cost(o.wall_s, o.num_cpus, o.num_gpus, o.memory_mb, spec.cost).cost_usd
-                for o in outcomes))
-            return within_budget(spent, len(outcomes), len(planned), spec.cost.max_usd)
+        gate = budget_gate(spec, engine.embedded, cluster, started, outcomes, len(planned))
 
         with RunProgress(f"train {job}", len(planned), progress) as bar:
             for item in engine.map(train_chunk, tasks, resources=[t.resources for t in tasks],
                                    shared=ctx, max_retries=spec.run.max_retries,
-                                   gate=gate if spec.cost.max_usd is not None else None):
+                                   gate=gate):
                 if item is not None:
                     i, result, node, task_wall = item
                     reserved_cpu_s += task_wall * tasks[i].resources.num_cpus
@@ -474,6 +478,43 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
             Held(cpus=reserved_cpu_s / wall, gpus=reserved_gpu_s / wall))
     record["global_model"] = global_info
     return _finish(reg, spec, run_id, record, outcomes, versions, sorted(nodes), held, wall)
+
+
+class _Measured(Protocol):
+    """A partition's outcome as the budget guard reads it (train's and score's both are)."""
+
+    @property
+    def wall_s(self) -> float: ...
+
+    @property
+    def num_cpus(self) -> float: ...
+
+    @property
+    def num_gpus(self) -> float: ...
+
+    @property
+    def memory_mb(self) -> int: ...
+
+
+def budget_gate(spec: JobSpec, embedded: bool, cluster: Mapping[str, float], started: float,
+                outcomes: Sequence[_Measured], total: int) -> Callable[[], bool] | None:
+    """The ``[cost] max_usd`` guard for :meth:`Engine.map`: submit more only while the run's
+    projected cost stays within budget (``None`` when the spec sets no budget).
+
+    Spent so far: an embedded instance costs what it holds for the elapsed time; on a cluster, what
+    the finished partitions reserved. ``outcomes`` is the caller's growing list of results.
+    """
+    if spec.cost.max_usd is None:
+        return None
+    rate = hourly_usd(_held_embedded(cluster), spec.cost)
+
+    def gate() -> bool:
+        spent = ((time.perf_counter() - started) * rate / 3600.0 if embedded else sum(
+            partition_cost(o.wall_s, o.num_cpus, o.num_gpus, o.memory_mb, spec.cost).cost_usd
+            for o in outcomes))
+        return within_budget(spent, len(outcomes), total, spec.cost.max_usd)
+
+    return gate
 
 
 def _check_devices(spec: JobSpec) -> tuple[bool, str]:
