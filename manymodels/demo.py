@@ -40,12 +40,12 @@ def run_demo(*, stations: int = 500, days: int = 28, address: str | None = None,
                   f"{scored.unscored_rows:,} unscored in {scored.wall_s:.1f}s (run {scored.run_id})",
                   highlight=False)
     dataset = str(Path(scored.output).parent)
+    sql = (f"SELECT station, ts, prediction, model_version FROM read_parquet('{dataset}/*/*.parquet', "
+           f"hive_partitioning = true) WHERE score_run_id = '{scored.run_id}' LIMIT 10")
     console.print(
         f"\nregistry: {summary.registry}\nscores:   {scored.output}\n\n"
-        f"query the scores with DuckDB:\n"
-        f"  duckdb -c \"SELECT station, ts, prediction, model_version FROM "
-        f"read_parquet('{dataset}/*/*.parquet', hive_partitioning = true) "
-        f"WHERE score_run_id = '{scored.run_id}' LIMIT 10\"\n"
+        f"query the scores with DuckDB (pip install duckdb; `make demo` installs it):\n"
+        f"  .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"{sql}\\\"))\"\n"
         f"or with pandas:  pandas.read_parquet('{dataset}')\n\n"
         f"next: .venv/bin/manymodels models list --job {JOB}\n"
         f"      .venv/bin/manymodels runs show {summary.run_id}", highlight=False)
