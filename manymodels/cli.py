@@ -8,6 +8,7 @@ error on stderr; a run with too many failed partitions exits 1.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -82,6 +83,8 @@ def _registry_for(job: str | None, registry: str | None) -> tuple[Registry, str 
         spec = load_spec(job)
         name = spec.name
         url = url or spec.output.registry
+    elif name and not re.fullmatch(r"[a-z0-9_-]{1,64}", name):  # a name is a folder of the registry
+        raise SpecError(f"--job {name!r} is neither a job spec file nor a job name ([a-z0-9_-]+)")
     return Registry(url or "registry"), name
 
 

@@ -264,3 +264,13 @@ def test_prepare_naming_a_missing_function_exits_2(tmp_path: Path, monkeypatch: 
     assert result.stderr == f"error: pipeline.prepare: jobs/transit.py defines no function {name!r}\n"
     assert not registry.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "job.toml", "rows.parquet"]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "/etc"])
+def test_job_name_cannot_name_a_folder_outside_the_registry(tmp_path: Path, name: str) -> None:
+    """``--job NAME`` for runs/models is a folder of the registry: only plain job names pass."""
+    for args in (["models", "list"], ["runs", "list"], ["models", "rollback", "--partition", "k=a"]):
+        result = CliRunner().invoke(app, [*args, "--job", name, "--registry", str(tmp_path / "reg")])
+        assert result.exit_code == 2, result.output
+        assert "neither a job spec file nor a job name" in result.stderr
+    assert not (tmp_path / "reg").exists()
