@@ -8,6 +8,7 @@ error on stderr; a run with too many failed partitions exits 1.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -66,6 +67,32 @@ def _errors() -> Iterator[None]:
         raise _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
+@contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """While a run works, send what would reach stdout (Ray's forwarded worker output, a user's
+    prints in ``prepare``, native libraries) to stderr, so ``--json`` prints one object and nothing
+    else on stdout."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    try:
+        saved: int | None = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:
+        saved = None
+    real = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = real
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
@@ -106,7 +133,7 @@ def train(
     """Train one model per partition and register the new versions."""
     from manymodels.train import train as run_train
 
-    with _errors():
+    with _errors(), _stdout_to_stderr(as_json):
         summary = run_train(job, data=data, partition_by=_split_cols(partition_by), target=target,
                             registry=registry, address=address, only=only, limit=limit, force=force)
     if as_json:
@@ -148,7 +175,7 @@ def score(
     """Score every row with its partition's champion and write Parquet."""
     from manymodels.score import score as run_score
 
-    with _errors():
+    with _errors(), _stdout_to_stderr(as_json):
         summary = run_score(job, data=data, output=output, registry=registry, address=address,
                             partition_by=_split_cols(partition_by), target=target,
                             model_version=model_version, train_run=train_run, run_id=run_id, only=only)

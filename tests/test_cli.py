@@ -196,3 +196,20 @@ def test_console_script_subprocess(transit_dir: Path, tmp_path: Path, clean_env:
     assert len(models) == 12
     model = next(models[0].iterdir())
     assert np.isfinite(lgb.Booster(model_file=str(model)).num_trees())
+
+
+def test_json_stdout_stays_one_object_when_workers_print(transit_dir: Path, tmp_path: Path,
+                                                          clean_env: dict[str, str]) -> None:
+    """Ray forwards worker output to the driver's stdout; with --json it goes to stderr instead."""
+    prep = tmp_path / "noisy.py"
+    prep.write_text("def prepare(df):\n    print('hello from prepare', len(df), flush=True)\n    return df\n")
+    job = tmp_path / "noisy.toml"
+    job.write_text(f'[data]\nsource = "{transit_dir}"\npartition_by = ["station"]\ntarget = "delay_min"\n'
+                   f'[pipeline]\nprepare = "{prep}:prepare"\n[output]\nregistry = "{tmp_path / "reg"}"\n')
+    proc = subprocess.run([str(CONSOLE_SCRIPT), "train", "--job", str(job), "--json"], cwd=tmp_path,
+                          env=clean_env, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout
+    assert json.loads(lines[0])["partitions"]["trained"] == 12
+    assert "hello from prepare" in proc.stderr
