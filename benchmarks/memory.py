@@ -1,28 +1,15 @@
-"""Peak memory of this process, measured so that it means what it says.
+"""Peak memory of this process: ``manymodels.runinfo.peak_rss_mb`` (``VmHWM``), and a reset.
 
-``getrusage(...).ru_maxrss`` is inherited across fork and ``execve`` on Linux: a child started by a
-process that once held 4 GB reports at least 4 GB. ``VmHWM`` in ``/proc/self/status`` is the peak
-of this address space only, and writing ``5`` to ``/proc/self/clear_refs`` resets it (e.g. after a
-benchmark generated its input data in the same process).
+``ru_maxrss`` is inherited across fork and ``execve`` on Linux, so benchmarks use ``VmHWM``; writing
+``5`` to ``/proc/self/clear_refs`` starts it over (e.g. after a benchmark generated its input data in
+the same process).
 """
 
 from __future__ import annotations
 
-import resource
+from manymodels.runinfo import peak_rss_mb
 
 __all__ = ["peak_rss_mb", "reset_peak"]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process's address space, in MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def reset_peak() -> bool:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import platform
+import resource
 import secrets
 import sys
 
-__all__ = ["environment", "new_run_id", "utc_now"]
+__all__ = ["environment", "new_run_id", "peak_rss_mb", "utc_now"]
 
 _PACKAGES = ("manymodels", "lightgbm", "ray", "pandas", "pyarrow", "numpy", "fsspec")
 
@@ -21,6 +22,22 @@ def utc_now() -> dt.datetime:
 def new_run_id(kind: str) -> str:
     """A sortable, unique run id such as ``20261128T013012Z-train-3f9a1c``."""
     return f"{utc_now():%Y%m%dT%H%M%SZ}-{kind}-{secrets.token_hex(3)}"
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process in MiB: ``VmHWM``, the peak of this address space alone.
+
+    ``ru_maxrss`` is carried over from the parent on Linux (a process started by one that held
+    4 GB reports at least 4 GB), so it is only the fallback where ``/proc`` is missing.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def environment() -> dict[str, str]:

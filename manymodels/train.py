@@ -14,7 +14,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import resource
 import signal
 import threading
 import time
@@ -44,7 +43,7 @@ from manymodels.engine import NOT_SUBMITTED, Engine, TaskResources, pack_chunks
 from manymodels.pipeline import PartitionError, check_device, load_prepare, resolve_device, train_partition
 from manymodels.progress import RunProgress
 from manymodels.registry import NewVersion, Registry, encode_partition, partition_id
-from manymodels.runinfo import environment, new_run_id, utc_now
+from manymodels.runinfo import environment, new_run_id, peak_rss_mb, utc_now
 from manymodels.spec import JobSpec, SpecError, load_spec, spec_hash
 from manymodels.storage import StorageError, Store, process_identity
 
@@ -183,18 +182,6 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _peak_rss_mb() -> float:
-    """Peak RSS of this worker process (VmHWM: unlike ru_maxrss, not inherited from its parent)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _outcome(p: PlannedPartition, res: TaskResources, **kw: Any) -> PartitionOutcome:
     return PartitionOutcome(pid=p.pid, partition=p.partition, num_cpus=res.num_cpus,
                             num_gpus=res.num_gpus, memory_mb=res.memory_mb, **kw)
@@ -267,7 +254,7 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
             metric_value=result.metric, metrics=result.metrics, fingerprint=fp, model_key=model_key,
             features=result.features, time_min=result.time_min, time_max=result.time_max,
             trained_at=dt.datetime.now(dt.UTC), wall_s=time.perf_counter() - t0,
-            cpu_s=time.process_time() - c0, peak_rss_mb=_peak_rss_mb(), started_s=s0, device=device))
+            cpu_s=time.process_time() - c0, peak_rss_mb=peak_rss_mb(), started_s=s0, device=device))
     return out
 
 
