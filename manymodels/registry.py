@@ -162,6 +162,7 @@ class ModelVersion:
     time_max: str | None
     previous_version: int | None
     reason: str
+    environment: dict[str, str] | None = None  # the training run's; filled by get()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (the contract's ``models list/show --json`` entries)."""
@@ -322,11 +323,19 @@ class Registry:
             champs = [m for m in matches if m.status == "champion"]
             if not champs:
                 raise RegistryError(f"partition {dict(partition)!r} of {job!r} has no champion")
-            return champs[0]
+            return self._with_environment(job, champs[0])
         for m in matches:
             if m.version == version:
-                return m
+                return self._with_environment(job, m)
         raise RegistryError(f"partition {dict(partition)!r} of {job!r} has no version {version}")
+
+    def _with_environment(self, job: str, mv: ModelVersion) -> ModelVersion:
+        """The version with its training environment (Python and package versions) from its run."""
+        try:
+            record = json.loads(self.store.read_bytes(self.run_key(job, mv.run_id)))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return mv
+        return dataclasses.replace(mv, environment=record.get("environment"))
 
     def load_model_text(self, mv: ModelVersion) -> str:
         """The LightGBM text of a model version (never unpickled: it is text)."""

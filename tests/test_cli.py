@@ -91,6 +91,7 @@ def test_train_and_registry_commands(transit_dir: Path, tmp_path: Path) -> None:
     mv = one_json(shown)
     assert set(mv) >= MODEL_KEYS and mv["partition"] == {"station": "stn-00001"}
     assert isinstance(mv["metrics"], dict) and "mae" in mv["metrics"]
+    assert mv["environment"]["lightgbm"] == lgb.__version__ and mv["environment"]["python"]
     with fsspec.open(mv["model_uri"], "r") as f:
         assert lgb.Booster(model_str=f.read()).feature_name() == mv["features"]
 
