@@ -373,7 +373,7 @@ def demo(
     days: Annotated[int, typer.Option(help="Days of hourly history per station.")] = 28,
     address: AddressOpt = None,
 ) -> None:
-    """Write sample transit data under partitions/, train it locally, and say where the outputs are."""
+    """Write sample transit data under partitions/, train and score it locally, say where outputs are."""
     from manymodels.demo import run_demo
 
     with _errors():
