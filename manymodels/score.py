@@ -81,6 +81,7 @@ class ScorePartition:
     rows: int
     model: ModelRef | None
     reason: str = ""
+    files: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class ScoreTask:
     partitions: tuple[ScorePartition, ...]
     files: tuple[int, ...]
     resources: TaskResources
+    part: str = ""  # tells apart the files of a chunk scored one partition at a time
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,10 @@ def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
         frame, spans, table = read_partitions(ctx.source, ctx.keys, [p.key for p in task.partitions],
                                               task.files, ctx.columns)
         prepare = load_prepare(spec)
-    except Exception as exc:  # unreadable input: every partition's rows are unscored, with why
+    except Exception as exc:
+        if len(task.partitions) > 1:  # one bad file must not fail its neighbours: one at a time
+            return [o for n, p in enumerate(task.partitions) for o in score_chunk(dataclasses.replace(
+                task, partitions=(p,), files=p.files or task.files, part=f"-{n:05d}"), ctx)]
         reason = f"cannot read partition data: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return [_out(p, res, status="unscored", rows=p.rows, reason=reason) for p in task.partitions]
     registry = Store(ctx.registry_url)
@@ -239,7 +244,7 @@ def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
         })
         if not keep.all():
             result = result.filter(pa.array(keep))
-        Store(ctx.staging_url).write_parquet(f"part-{task.chunk:05d}.parquet", result,
+        Store(ctx.staging_url).write_parquet(f"part-{task.chunk:05d}{task.part}.parquet", result,
                                              row_group_size=ROW_GROUP_ROWS, compression="zstd")
     return out
 
@@ -395,7 +400,7 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         ref = refs[partition_id(keys, p.key)]
         planned.append(ScorePartition(key=p.key, partition=encode_partition(keys, p.key), rows=p.rows,
                                       model=ref if isinstance(ref, ModelRef) else None,
-                                      reason=ref if isinstance(ref, str) else ""))
+                                      reason=ref if isinstance(ref, str) else "", files=p.files))
     final_url = scores.uri(f"{spec.name}/score_run_id={run_id}")
     staging_url = scores.uri(f".staging/{spec.name}/{run_id}-{os.getpid()}")
     record: dict[str, Any] = {
@@ -440,7 +445,9 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
                     result = [_out(p, tasks[i].resources, status="unscored", rows=p.rows, reason=reason)
                               for p in tasks[i].partitions]
                     # Its rows are unscored: a staged file from an earlier attempt must not publish them.
-                    Store(staging_url).delete(f"part-{tasks[i].chunk:05d}.parquet")
+                    staged = Store(staging_url)
+                    for key in staged.glob(f"part-{tasks[i].chunk:05d}*.parquet"):
+                        staged.delete(key)
                 if node:
                     nodes.add(node)
                 for o in result:

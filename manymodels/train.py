@@ -63,6 +63,7 @@ class PlannedPartition:
     champion_key: str | None
     latest_fingerprint: str | None
     latest_spec_hash: str | None
+    files: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,10 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
         frame, spans, _ = read_partitions(ctx.source, ctx.keys, [p.key for p in task.partitions],
                                           task.files)
         prepare = load_prepare(spec)
-    except Exception as exc:  # the whole chunk's input is unusable: every partition says why
+    except Exception as exc:
+        if len(task.partitions) > 1:  # one bad file must not fail its neighbours: one at a time
+            return [o for p in task.partitions for o in train_chunk(
+                dataclasses.replace(task, partitions=(p,), files=p.files or task.files), ctx)]
         reason = f"cannot read partition data: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return [_outcome(p, res, status="failed", reason=reason) for p in task.partitions]
     store = Store(ctx.registry_url)
@@ -395,7 +399,7 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
             key=p.key, pid=pid, partition=encode_partition(keys, p.key), rows=p.rows,
             champion_key=champ["model_key"] if champ else None,
             latest_fingerprint=latest["fingerprint"] if latest else None,
-            latest_spec_hash=latest["spec_hash"] if latest else None))
+            latest_spec_hash=latest["spec_hash"] if latest else None, files=p.files))
     record: dict[str, Any] = {
         "run_id": run_id, "job": job, "kind": "train", "status": "running",
         "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,

@@ -390,7 +390,8 @@ def test_binary_target_not_0_1(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("ray_session")
 def test_unparseable_string_in_one_files_numeric_column(tmp_path: Path) -> None:
     """Hive folders whose files disagree on a column's type: the first file's type wins, and a value
-    that does not convert fails every partition read in the same task (here all three)."""
+    that does not convert fails the partition whose file holds it; the partitions that shared its
+    task are read again one at a time and train."""
     for station, part in frame().groupby("station"):
         part = part.drop(columns="station")
         if station == "b":
@@ -400,11 +401,12 @@ def test_unparseable_string_in_one_files_numeric_column(tmp_path: Path) -> None:
     result = train_flags(tmp_path / "hive", tmp_path)
     assert result.exit_code == 1, result.stderr
     s = one_json(result)
-    assert s["partitions"] == {"total": 3, "trained": 0, "promoted": 0, "skipped": 0, "failed": 3}
+    assert s["partitions"] == {"total": 3, "trained": 2, "promoted": 2, "skipped": 0, "failed": 1}
     reason = ("cannot read partition data: ArrowInvalid: Failed to parse string: 'oops' as a scalar of "
               "type double")
-    assert s["failures"] == [{"partition": {"station": k}, "reason": reason} for k in STATIONS]
-    assert run_record(s["run_id"], tmp_path / "registry") == {k: ("failed", reason) for k in STATIONS}
+    assert s["failures"] == [{"partition": {"station": "b"}, "reason": reason}]
+    assert run_record(s["run_id"], tmp_path / "registry") == {
+        k: ("failed", reason) if k == "b" else ("trained", "") for k in STATIONS}
 
 
 # ----------------------------------------------------------------------------- accepted as they are
@@ -602,3 +604,20 @@ def test_hostile_partition_values_in_human_output(tmp_path: Path) -> None:
     assert '  unscored {"station": "[/]"} (40 rows): no champion\n' in scored.stdout
     names = {p.name for p in tree(tmp_path)}
     assert not names & set(HOSTILE)
+
+
+@pytest.mark.ray
+def test_unparseable_file_at_score_time_unscores_only_its_partition(trained_job: Path,
+                                                                    tmp_path: Path) -> None:
+    """The scoring twin of row 30: only the partition whose file cannot be read is unscored; the
+    others of its task are read again one at a time, scored and written."""
+    for station, part in frame(seed=1).groupby("station"):
+        part = part.drop(columns="station")
+        if station == "b":
+            part = part.astype({"x1": str})
+            part.loc[part.index[0], "x1"] = "oops"
+        parquet(tmp_path / "hive" / f"station={station}" / "part-0.parquet", part)
+    job = job_file(tmp_path, tmp_path / "hive", name=SCORE_JOB,
+                   output={"registry": str(trained_job / "registry"), "scores": str(tmp_path / "scores")})
+    result = cli("score", "--job", job, "--json")
+    unscored(result, trained_job, tmp_path, {"b": r"cannot read partition data: ArrowInvalid: .*'oops'.*"})
