@@ -279,6 +279,8 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
     else:
         missing = "no champion"
     out: dict[str, ModelRef | str] = {}
+    # One decode per distinct feature list (100,000 partitions usually share one).
+    feature_lists = {text: tuple(json.loads(text)) for text in {r[3] for r in found.values()}}
     for p in partitions:
         pid = partition_id(keys, p.key)
         r = found.get(pid)
@@ -286,7 +288,7 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
             out[pid] = fallback
             continue
         out[pid] = missing if r is None else ModelRef(
-            model_key=r[0], version=int(r[1]), run_id=r[2], features=tuple(json.loads(r[3])))
+            model_key=r[0], version=int(r[1]), run_id=r[2], features=feature_lists[r[3]])
     return out
 
 

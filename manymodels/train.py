@@ -239,11 +239,7 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
                                          num_threads=threads, device=device)
             model_key = Registry.model_key(spec.name, p.pid, ctx.run_id)
             store.write_bytes(model_key, result.model_str.encode())
-        except (PartitionError, PartitionTimeout) as exc:
-            out.append(_outcome(p, res, status="failed", reason=str(exc), rows=len(part),
-                                wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0))
-            continue
-        except StorageError as exc:
+        except (PartitionError, PartitionTimeout, StorageError) as exc:
             out.append(_outcome(p, res, status="failed", reason=str(exc), rows=len(part),
                                 wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0))
             continue
