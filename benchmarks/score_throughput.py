@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
+
+from harness import run_child  # noqa: E402
+
 TRAIN_HOURS = 240
 
 
@@ -139,7 +141,6 @@ def main() -> None:
         child(args)
         return
     work = Path(args.workdir)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     results = []
     for scenario in args.scenarios.split(","):
         n, rows = (int(x) for x in scenario.split("x"))
@@ -147,12 +148,7 @@ def main() -> None:
         for method in ("floor", "manymodels"):
             cmd = [sys.executable, __file__, "--method", method, "--data", data, "--registry", registry,
                    "--trees", str(args.trees), "--scores", str(work / "scores")]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"{method} failed (exit {proc.returncode})")
-            r = {"scenario": scenario, "method": method, **json.loads(line[0][7:])}
+            r = {"scenario": scenario, "method": method, **run_child(cmd, method)}
             results.append(r)
             print(f"  {scenario} {method:<10} {r['rows_per_s']:>12,.0f} rows/s  wall {r['wall_s']:.1f}s  "
                   f"driver peak {r['driver_peak_mb']:.0f} MB", flush=True)

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -32,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
+
+from harness import run_child  # noqa: E402
 
 
 def _spec(data: str, registry: str, trees: int) -> Any:
@@ -195,17 +196,11 @@ def main() -> None:
         write_transit(make_transit(args.n, args.rows), str(data), layout="flat", files=8)
         print(f"generated {args.n}×{args.rows} in {time.perf_counter() - t:.1f}s → {data}", flush=True)
     results: list[dict[str, Any]] = []
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     for rep in range(args.repeats):
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--method", method, "--data", str(data), "--trees",
                    str(args.trees), "--registry", str(work / "registry")]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"{method} failed (exit {proc.returncode})")
-            r = {"method": method, "repeat": rep, **json.loads(line[0][7:])}
+            r = {"method": method, "repeat": rep, **run_child(cmd, method)}
             results.append(r)
             print(f"  {method:<11} rep {rep}: wall {r['wall_s']:.1f}s  driver peak "
                   f"{r['driver_peak_mb']:.0f} MB", flush=True)
