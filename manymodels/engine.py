@@ -205,6 +205,9 @@ class Engine:
         remote = ray.remote(_call)
         totals = ray.cluster_resources()
         limit = max_in_flight or max(4, 2 * int(totals.get("CPU", 1)))
+        # Ray's default policy fills the driver's node first; chunks are alike, so on a cluster
+        # spread them over every node instead.
+        spread = {"scheduling_strategy": "SPREAD"} if self.nodes() > 1 else {}
         pending: dict[Any, int] = {}
         queue = list(range(len(payloads)))
         queue.reverse()
@@ -220,7 +223,8 @@ class Engine:
                     yield i, EngineError(short), "", 0.0
                     continue
                 opts = resources[i].options()
-                ref = remote.options(max_retries=max_retries, retry_exceptions=False, **opts).remote(
+                ref = remote.options(max_retries=max_retries, retry_exceptions=False, **opts,
+                                     **spread).remote(
                     fn, payloads[i], shared_ref)
                 pending[ref] = i
             if not pending:
