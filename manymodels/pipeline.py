@@ -115,6 +115,7 @@ def load_prepare(spec: JobSpec) -> PrepareFn | None:
                                  f"{_one_line(exc)}") from exc
         fn = module.__dict__.get(func)
         if not callable(fn):
+            sys.modules.pop(name, None)
             raise PartitionError(f"pipeline.prepare: {path} defines no function {func!r}")
         _PREPARE_CACHE[cache_key] = fn
     return _PREPARE_CACHE[cache_key]
