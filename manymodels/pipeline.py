@@ -345,10 +345,13 @@ def _unit_draw(hashes: np.ndarray, seed: int) -> np.ndarray:
 def _time_ticks(series: pd.Series, col: str) -> tuple[np.ndarray, np.ndarray]:
     """``time_column`` as sortable numbers and a mask of rows that have a time.
 
-    Dates and times (tz-aware or naive), durations and periods sort on their int64 ticks (an
-    object array of tz-aware Timestamps with NaT does not sort); numbers sort as numbers. Text or
+    Dates and times (tz-aware or naive, or date objects), durations and periods sort on their int64
+    ticks (an object array of tz-aware Timestamps with NaT does not sort); numbers sort as numbers. Text or
     anything else is an error naming the column.
     """
+    if series.dtype == object and pd.api.types.infer_dtype(series, skipna=True) in (
+            "date", "datetime", "datetime64"):  # Arrow dates arrive as datetime.date objects
+        series = pd.to_datetime(series, utc=True)
     dtype = series.dtype
     if (pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype)
             or isinstance(dtype, pd.PeriodDtype)):

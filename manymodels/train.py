@@ -341,8 +341,8 @@ def _check_inputs(spec: JobSpec, source: Source) -> None:
         # still parse it, so with one the pipeline checks the prepared column instead).
         if d.time_column:
             t = source.schema.field(d.time_column).type
-            if not (pa.types.is_temporal(t) or pa.types.is_integer(t) or pa.types.is_floating(t)
-                    or pa.types.is_decimal(t)):
+            if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_duration(t)
+                    or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
                 raise InputError(f"column {d.time_column!r} (time_column) must be a date/time or a number, "
                                  f"but {source.url!r} has it as {t}")
 

@@ -474,6 +474,10 @@ def test_time_column_must_be_a_time_or_a_number(frame: pd.DataFrame) -> None:
     numeric = frame.assign(ts=np.arange(len(frame), dtype=np.float64)[::-1])
     _, holdout = holdout_split(numeric, make_spec())
     assert sorted(holdout["ts"]) == list(range(336 - 84, 336))  # the 84 largest numbers
+    dates = frame.assign(ts=frame["ts"].dt.date)  # how Arrow's date32 reaches pandas: date objects
+    assert dates["ts"].dtype == object
+    _, holdout = holdout_split(dates, make_spec())
+    assert sorted(holdout["trip_id"]) == sorted(frame["trip_id"].iloc[-84:])
 
 
 # ----------------------------------------------------------------------------- prepare modules
