@@ -455,7 +455,7 @@ def test_time_holdout_with_missing_times(tz: str | None) -> None:
     df = pd.DataFrame({"station": "a", "ts": days, "day": np.arange(1, 21), "x": rng.normal(size=20),
                        "y": rng.normal(size=20)})
     df.loc[df["day"].isin([11, 17]), "ts"] = pd.NaT
-    df = df.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    df = df.sample(frac=1.0, random_state=0).reset_index(drop=True)  # an order old code sorted wrong
     spec = spec_from_dict({"data": {"source": "unused", "partition_by": ["station"], "target": "y",
                                     "time_column": "ts", "exclude": ["day"]},
                            "validation": {"min_rows": 10, "holdout_fraction": 0.25},
@@ -466,6 +466,10 @@ def test_time_holdout_with_missing_times(tz: str | None) -> None:
     result = train_partition(df, spec)
     assert result.metrics["holdout_rows"] == 5
     assert result.time_max is not None and result.time_max.startswith("2026-01-20")
+    # Training judged its model on exactly those rows.
+    latest = df[df["day"].isin([15, 16, 18, 19, 20])]
+    pred = predict_partition(latest, spec, lgb.Booster(model_str=result.model_str))
+    assert result.metric == pytest.approx(compute_metric("mae", latest["y"].to_numpy(), pred), rel=1e-12)
 
 
 def test_time_column_must_be_a_time_or_a_number(frame: pd.DataFrame) -> None:
