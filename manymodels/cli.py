@@ -136,6 +136,8 @@ def train(
     with _errors(), _stdout_to_stderr(as_json):
         summary = run_train(job, data=data, partition_by=_split_cols(partition_by), target=target,
                             registry=registry, address=address, only=only, limit=limit, force=force)
+    for warning in summary.warnings:  # once per run, whatever the number of partitions concerned
+        err.print(f"warning: {warning}", highlight=False)
     if as_json:
         _print_json(summary.to_dict())
     else:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import lightgbm as lgb
 import numpy as np
@@ -28,6 +30,7 @@ __all__ = [
     "PrepareFn",
     "TrainResult",
     "compute_metric",
+    "holdout_split",
     "load_prepare",
     "model_categories",
     "predict_partition",
@@ -57,6 +60,10 @@ class TrainResult:
         rows: usable rows (target present) used for train + holdout.
         time_min, time_max: range of ``time_column`` over the usable rows (ISO text), if set.
         features: the feature columns, in model order.
+        comparison: what the champion rule compared: ``"no champion"``, ``"same features"``,
+            ``"champion on its own features"`` or ``"not compared: <reason>"``.
+        warnings: data problems worth telling the user once per job (the same text for every
+            partition, so a run can fold them), e.g. a numeric column with a stray string.
     """
 
     model_str: str
@@ -68,6 +75,8 @@ class TrainResult:
     time_min: str | None = None
     time_max: str | None = None
     features: tuple[str, ...] = field(default_factory=tuple)
+    comparison: str = "no champion"
+    warnings: tuple[str, ...] = ()
 
 
 _PREPARE_CACHE: dict[str, PrepareFn] = {}
@@ -76,25 +85,37 @@ _PREPARE_CACHE: dict[str, PrepareFn] = {}
 def load_prepare(spec: JobSpec) -> PrepareFn | None:
     """Compile the spec's prepare function from the source text the driver read (cached per text).
 
-    The code runs as a module named after its file, so it can define helpers and import libraries;
-    it is the code named by ``pipeline.prepare`` and nothing else (a job spec runs code: trust it as
-    you trust the code you run).
+    The code runs as a module of its own, registered in ``sys.modules`` (under a name derived from
+    the file and its text, so it shadows nothing) for as long as the process lives: ``@dataclass``,
+    ``typing.get_type_hints`` and pickling look a class's module up there. The file's folder is put
+    on ``sys.path`` (first, as when the file runs as a script) so that ``import sibling`` finds the
+    modules next to it, in every process that loads it (a relative path is resolved against that
+    process's working directory: on a cluster, name the file by an absolute path). It is the code
+    named by ``pipeline.prepare`` and nothing else (a job spec runs code: trust it as you trust the
+    code you run).
     """
     if not spec.pipeline.prepare:
         return None
     path, _, func = spec.pipeline.prepare.rpartition(":")
     cache_key = hashlib.sha256(f"{path}\0{func}\0{spec.prepare_source}".encode()).hexdigest()
     if cache_key not in _PREPARE_CACHE:
-        module = types.ModuleType(f"manymodels_prepare_{cache_key[:12]}")
+        name = f"manymodels_prepare_{cache_key[:12]}"
+        module = types.ModuleType(name)
         module.__file__ = path
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         code = compile(spec.prepare_source, path, "exec")  # a SyntaxError is the caller's to report
+        sys.modules[name] = module
         try:
             exec(code, module.__dict__)
         except Exception as exc:  # its top level failed (an import, a missing file): a spec error
+            sys.modules.pop(name, None)
             raise PartitionError(f"pipeline.prepare: {path} raised {type(exc).__name__} when loaded: "
                                  f"{_one_line(exc)}") from exc
         fn = module.__dict__.get(func)
         if not callable(fn):
+            sys.modules.pop(name, None)
             raise PartitionError(f"pipeline.prepare: {path} defines no function {func!r}")
         _PREPARE_CACHE[cache_key] = fn
     return _PREPARE_CACHE[cache_key]
@@ -281,17 +302,137 @@ def _target(frame: pd.DataFrame, spec: JobSpec) -> np.ndarray:
     return y
 
 
-def _split(frame: pd.DataFrame, n: int, spec: JobSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Train and holdout row positions: the latest rows when ``time_column`` is set, else random."""
-    k = min(n - 1, max(1, round(n * spec.validation.holdout_fraction)))
+def _label_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows with index labels -1, -2, ..., -n (row ``i`` is ``-1 - i``).
+
+    No ``reset_index`` or new frame can produce negative labels, so after ``prepare`` the labels
+    that come back say which input row each output row is, in whatever order prepare returned them.
+    """
+    return frame.set_axis(pd.RangeIndex(-1, -1 - len(frame), -1), axis=0)
+
+
+def _input_positions(out: pd.DataFrame, n: int) -> np.ndarray | None:
+    """Each prepared row's position in prepare's input (see :func:`_label_rows`), or ``None`` when
+    prepare replaced the index (``reset_index``, a merge, a new frame) so rows cannot be matched."""
+    index = out.index
+    if isinstance(index, pd.MultiIndex) or not pd.api.types.is_integer_dtype(index.dtype):
+        return None
+    pos = -1 - index.to_numpy(dtype=np.int64)
+    if len(pos) and (int(pos.min()) < 0 or int(pos.max()) >= n):
+        return None
+    return pos
+
+
+def _hash_rows(frame: pd.DataFrame) -> np.ndarray:
+    """One 64-bit hash per row of its values (not its index): the same as ``data.row_hashes``."""
+    if frame.empty:
+        return np.zeros(0, dtype=np.uint64)
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64)
+
+
+def _unit_draw(hashes: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per row hash, mixed with the seed (splitmix64's finalizer)."""
+    h = hashes.astype(np.uint64, copy=True)
+    h ^= np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64)
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)  # uint64 arrays wrap around: the point of the mix
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _time_ticks(series: pd.Series, col: str) -> tuple[np.ndarray, np.ndarray]:
+    """``time_column`` as sortable numbers and a mask of rows that have a time.
+
+    Dates and times (tz-aware or naive, or date objects), durations and periods sort on their int64
+    ticks (an object array of tz-aware Timestamps with NaT does not sort); numbers sort as numbers. Text or
+    anything else is an error naming the column.
+    """
+    if series.dtype == object and pd.api.types.infer_dtype(series, skipna=True) in (
+            "date", "datetime", "datetime64"):  # Arrow dates arrive as datetime.date objects
+        series = pd.to_datetime(series, utc=True)
+    dtype = series.dtype
+    if (pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype)
+            or isinstance(dtype, pd.PeriodDtype)):
+        ticks = np.asarray(cast(Any, series.array).asi8, dtype=np.int64)
+        return ticks, ~series.isna().to_numpy()
+    if pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype):
+        values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+        return values, ~np.isnan(values)
+    raise PartitionError(f"time column {col!r} must hold dates/times or numbers, not {dtype}")
+
+
+def _split(frame: pd.DataFrame, n: int, spec: JobSpec, row_keys: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Train and holdout row positions of the usable, prepared rows.
+
+    With ``time_column``: the latest rows are the holdout; rows without a time (NaT, NaN) are
+    never "latest": they train. Without it, each row's side is fixed by the hash of its raw values
+    (``row_keys``) and the seed, not by its position or the row count, so a row keeps its side when
+    rows are added or removed and a champion is judged on rows it never trained on. The holdout is
+    then about ``holdout_fraction`` of the rows; a tiny partition still gets one row on each side.
+    """
     if spec.data.time_column:
         col = spec.data.time_column
         if col not in frame.columns:
             raise PartitionError(f"time column {col!r} is missing")
-        order = np.argsort(frame[col].to_numpy(), kind="stable")
+        ticks, timed = _time_ticks(frame[col], col)
+        n_timed = int(timed.sum())
+        if n_timed == 0:
+            raise PartitionError(f"time column {col!r} has no values in this partition")
+        k = min(n - 1, max(1, round(n * spec.validation.holdout_fraction)), n_timed)
+        positions = np.flatnonzero(timed)
+        latest = positions[np.argsort(ticks[positions], kind="stable")][n_timed - k:]
+        holdout = np.zeros(n, dtype=bool)
+        holdout[latest] = True
     else:
-        order = np.random.default_rng(spec.validation.seed).permutation(n)
-    return np.sort(order[: n - k]), np.sort(order[n - k:])
+        u = _unit_draw(row_keys, spec.validation.seed)
+        holdout = u < spec.validation.holdout_fraction
+        if n >= 2 and not holdout.any():
+            holdout[int(np.argmin(u))] = True
+        elif n >= 2 and holdout.all():
+            holdout[int(np.argmax(u))] = False
+    return np.flatnonzero(~holdout), np.flatnonzero(holdout)
+
+
+def _prepared(frame: pd.DataFrame, spec: JobSpec, prepare: PrepareFn | None,
+              row_hashes: np.ndarray | None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Prepare the rows and keep those with a target: ``(rows, target, row keys)``.
+
+    A row's key is the hash of its values as read, carried through prepare by the index (see
+    :func:`_label_rows`); when prepare replaced the index, the key is the hash of the prepared
+    row's values instead (still stable across retrains for rows prepare derives the same way).
+    """
+    hashes = _hash_rows(frame) if row_hashes is None else np.asarray(row_hashes, dtype=np.uint64)
+    if len(hashes) != len(frame):
+        raise ValueError(f"row_hashes has {len(hashes)} values for {len(frame)} rows")
+    if prepare is None:
+        out, keys = frame, hashes
+    else:
+        out = run_prepare(_label_rows(frame), prepare)
+        pos = _input_positions(out, len(frame))
+        keys = _hash_rows(out) if pos is None else hashes[pos]
+    y = _target(out, spec)
+    usable = ~np.isnan(y)
+    if not usable.all():
+        out, y, keys = out.loc[usable], y[usable], keys[usable]
+    return out, y, keys
+
+
+def holdout_split(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | None = None,
+                  row_hashes: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The prepared rows :func:`train_partition` trains on and the holdout it judges on.
+
+    Args:
+        frame: the partition's rows as read.
+        spec: the job spec.
+        prepare: the compiled prepare function.
+        row_hashes: as for :func:`train_partition`.
+    """
+    out, _, keys = _prepared(frame, spec, prepare, row_hashes)
+    tr, ho = _split(out, len(out), spec, keys)
+    return out.iloc[tr], out.iloc[ho]
 
 
 def resolve_device(requested: str, num_gpus: float) -> str:
@@ -383,35 +524,112 @@ def _time_range(frame: pd.DataFrame, spec: JobSpec) -> tuple[str | None, str | N
     return (None if pd.isna(lo) else str(lo)), (None if pd.isna(hi) else str(hi))
 
 
+def _text_numbers(frame: pd.DataFrame, features: Sequence[str], dtypes: Mapping[str, Any],
+                  spec: JobSpec) -> tuple[str, ...]:
+    """Warnings for text feature columns whose values are (nearly) all numbers.
+
+    One stray string ("n/a", "12,5") makes a numeric column text; it would silently become a
+    categorical with one category per value. The text is the same in every partition, so a run
+    reports it once. Columns listed in ``data.categorical`` are codes on purpose and not checked.
+    """
+    out = []
+    for name in features:
+        dtype = dtypes[name]
+        if (name in spec.data.categorical or isinstance(dtype, pd.CategoricalDtype)
+                or pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)):
+            continue
+        col = frame[name]
+        # Plain text (labels) is the usual case: decided on a few values, for the cost of a few µs.
+        head = [v for v in col.array[:32].tolist() if v is not None and v == v][:8]
+        if not head or 2 * sum(map(_parses_as_number, head)) < len(head):
+            continue
+        values = col.dropna()
+        if pd.to_numeric(values, errors="coerce").notna().mean() >= 0.9:
+            out.append(f"feature column {name!r} is text but nearly all of its values are numbers, so it "
+                       "is used as a categorical (one category per value); fix the stray non-numbers or "
+                       "convert it in prepare, or list it in data.categorical if it is a code")
+    return tuple(out)
+
+
+def _parses_as_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _judge_champion(champion: str | None, champion_features: Sequence[str] | None,
+                    booster: lgb.Booster, features: Sequence[str], holdout: pd.DataFrame,
+                    y_ho: np.ndarray, spec: JobSpec, num_threads: int) -> tuple[str, float | None]:
+    """The champion's metric on this holdout and what was compared (never skipped silently).
+
+    Feature lists are compared by the champion's registered names when given, else by LightGBM's
+    own (sanitised) names on both models. When they differ, the champion is scored with its own
+    features on the same holdout rows, where the prepared rows still have them.
+    """
+    if champion is None:
+        return "no champion", None
+    try:
+        old = lgb.Booster(model_str=champion)
+    except lgb.basic.LightGBMError as exc:
+        return f"not compared: the champion model cannot be read ({_one_line(exc)})", None
+    old_names = old.feature_name()
+    if champion_features is not None:
+        same = list(champion_features) == list(features)
+    else:
+        same = old_names == booster.feature_name()
+    if same:
+        columns, what = list(features), "same features"
+    else:
+        columns, what = list(champion_features or old_names), "champion on its own features"
+        if len(columns) != len(old_names):
+            return (f"not compared: the champion has {len(old_names)} features but the registry "
+                    f"lists {len(columns)}"), None
+        missing = [c for c in columns if c not in holdout.columns]
+        if missing:
+            return f"not compared: the champion's feature {missing[0]!r} is not in the prepared data", None
+    try:
+        x = prepare_features(holdout, columns, spec, model_categories(old))
+        old_pred = np.asarray(old.predict(x.X, num_threads=num_threads))
+    except (lgb.basic.LightGBMError, PartitionError) as exc:
+        return f"not compared: the champion cannot score this holdout ({_one_line(exc)})", None
+    return what, compute_metric(spec.metric, y_ho, old_pred)
+
+
 def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | None = None,
-                    champion: str | None = None, num_threads: int = 1, device: str = "cpu"
+                    champion: str | None = None, champion_features: Sequence[str] | None = None,
+                    row_hashes: np.ndarray | None = None, num_threads: int = 1, device: str = "cpu"
                     ) -> TrainResult:
     """Train, validate and judge one partition's model.
 
     Args:
         frame: the partition's rows as read.
         spec: the job spec.
-        prepare: the compiled prepare function (see :func:`load_prepare`).
+        prepare: the compiled prepare function (see :func:`load_prepare`). It is given the rows
+            with negative index labels and may reorder, add or drop rows.
         champion: the current champion's model text, judged on this holdout for the promotion rule.
+        champion_features: the champion's feature columns as registered (default: compare by the
+            names LightGBM stored in both models).
+        row_hashes: one 64-bit hash per row of ``frame`` (the driver's ``data.row_hashes``, already
+            computed for the fingerprint); they fix each row's holdout side. Default: computed here.
         num_threads: LightGBM threads; the engine passes the task's ``num_cpus``.
         device: LightGBM's device (``cpu``, ``gpu``, ``cuda``); see :func:`resolve_device`.
 
     Raises:
         PartitionError: the partition cannot be trained; the message is the recorded reason.
     """
-    frame = run_prepare(frame, prepare)
-    y_all = _target(frame, spec)
-    usable = ~np.isnan(y_all)
-    n = int(usable.sum())
+    frame, y_all, keys = _prepared(frame, spec, prepare, row_hashes)
+    n = len(frame)
     if n < spec.validation.min_rows:
         raise PartitionError(f"only {n} usable rows (min_rows = {spec.validation.min_rows})")
-    if not usable.all():
-        frame, y_all = frame.loc[usable], y_all[usable]
-    features = select_features(list(frame.columns), list(frame.dtypes), spec)
+    columns, dtypes = list(frame.columns), list(frame.dtypes)
+    features = select_features(columns, dtypes, spec)
     if not features:
         raise PartitionError("no feature columns left after removing keys, target, time and exclude")
     fm = prepare_features(frame, features, spec)
-    tr, ho = _split(frame, n, spec)
+    warnings = _text_numbers(frame, features, dict(zip(columns, dtypes, strict=True)), spec)
+    tr, ho = _split(frame, n, spec, keys)
     params = lgb_params(spec, num_threads, device)
     if spec.model.objective in OBJECTIVES_CLASSIFICATION and spec.model.objective != "cross_entropy":
         classes = np.unique(y_all)
@@ -431,29 +649,27 @@ def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | 
     metric = compute_metric(spec.metric, y_ho, pred)
     metrics = {spec.metric: metric, "train_rows": float(len(tr)), "holdout_rows": float(len(ho))}
     reason = _gate(metric, spec)
-    if champion is not None:
-        try:
-            old = lgb.Booster(model_str=champion)
-            if old.feature_name() == list(features):
-                old_x = prepare_features(frame.iloc[ho], features, spec, model_categories(old))
-                old_pred = old.predict(old_x.X, num_threads=params["num_threads"])
-                old_metric = compute_metric(spec.metric, y_ho, np.asarray(old_pred))
-                metrics["champion_" + spec.metric] = old_metric
-                if not reason and _is_worse(metric, old_metric, spec.higher_is_better):
-                    reason = (f"holdout {spec.metric} {metric:.4g} is worse than the champion's "
-                              f"{old_metric:.4g}")
-        except (lgb.basic.LightGBMError, PartitionError):
-            pass  # a champion that cannot score this holdout (other features) cannot block promotion
+    comparison, old_metric = _judge_champion(champion, champion_features, booster, features,
+                                             frame.iloc[ho], y_ho, spec, params["num_threads"])
+    if old_metric is not None:
+        metrics["champion_" + spec.metric] = old_metric
+        if not reason and _is_worse(metric, old_metric, spec.higher_is_better):
+            reason = f"holdout {spec.metric} {metric:.4g} is worse than the champion's {old_metric:.4g}"
     lo, hi = _time_range(frame, spec)
     return TrainResult(model_str=booster.model_to_string(), metric=metric, metrics=metrics,
                        promote=not reason, reason=reason, rows=n, time_min=lo, time_max=hi,
-                       features=tuple(features))
+                       features=tuple(features), comparison=comparison, warnings=warnings)
 
 
 def predict_partition(frame: pd.DataFrame, spec: JobSpec, booster: lgb.Booster, *,
                       prepare: PrepareFn | None = None, features: Sequence[str] | None = None,
                       num_threads: int = 1) -> np.ndarray:
-    """Predictions of ``booster`` for every row of ``frame`` (after the same prepare as training).
+    """Predictions of ``booster`` for every row of ``frame``, in ``frame``'s row order.
+
+    ``prepare`` (the same as at training) may reorder the rows, e.g. sort them by time to build
+    lags: each prediction is put back on its own row by the index labels prepare was given (see
+    :func:`_label_rows`). A prepare that adds, drops or duplicates rows, or replaces the index
+    (``reset_index``, a merge), fails the partition: rows it cannot match are never guessed.
 
     Returns a float64 vector: the prediction, the positive-class probability for binary, and the
     most likely class for multiclass.
@@ -468,11 +684,27 @@ def predict_partition(frame: pd.DataFrame, spec: JobSpec, booster: lgb.Booster, 
         num_threads: LightGBM threads (the task's CPUs; more would oversubscribe the node).
 
     Raises:
-        PartitionError: prepare failed or a feature the model needs is missing.
+        PartitionError: prepare failed or changed the rows, or a feature the model needs is missing.
     """
-    frame = run_prepare(frame, prepare, same_rows=True)
+    n = len(frame)
+    order = None
+    if prepare is not None:
+        prepared = run_prepare(_label_rows(frame), prepare, same_rows=True)
+        order = _input_positions(prepared, n)
+        if order is None:
+            raise PartitionError("prepare replaced the row index (reset_index, a merge or a new frame?): "
+                                 "at scoring time each prediction is matched to its row by the index "
+                                 "prepare was given, so prepare must keep it")
+        if n and np.bincount(order, minlength=n).max() > 1:
+            raise PartitionError("prepare returned some rows twice (and not others): at scoring time "
+                                 "it must keep every row once")
+        frame = prepared
     fm = prepare_features(frame, features or booster.feature_name(), spec, model_categories(booster))
     pred = np.asarray(booster.predict(fm.X, num_threads=num_threads), dtype=np.float64)
     if pred.ndim == 2:
         pred = pred.argmax(axis=1).astype(np.float64)
+    if order is not None and not np.array_equal(order, np.arange(n)):
+        aligned = np.empty_like(pred)
+        aligned[order] = pred
+        pred = aligned
     return pred

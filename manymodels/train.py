@@ -64,6 +64,7 @@ class PlannedPartition:
     latest_fingerprint: str | None
     latest_spec_hash: str | None
     files: tuple[int, ...] = ()
+    champion_features: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class PartitionOutcome:
     node: str = ""
     started_s: float = 0.0
     device: str = "cpu"
+    comparison: str = ""
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -137,6 +140,7 @@ class RunSummary:
     wall_s: float
     nodes: list[str] = field(default_factory=list)
     versions: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -149,7 +153,7 @@ class RunSummary:
                 "partitions": {"total": self.total, "trained": self.trained, "promoted": self.promoted,
                                "skipped": self.skipped, "failed": self.failed},
                 "failures": self.failures, "cost": self.cost.to_dict(), "registry": self.registry,
-                "wall_s": round(self.wall_s, 3), "nodes": self.nodes}
+                "wall_s": round(self.wall_s, 3), "nodes": self.nodes, "warnings": self.warnings}
 
 
 class PartitionTimeout(BaseException):
@@ -236,7 +240,9 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
                     champion = None
             with time_limit(spec.run.timeout_s):
                 result = train_partition(part, spec, prepare=prepare, champion=champion,
-                                         num_threads=threads, device=device)
+                                         champion_features=p.champion_features,
+                                         row_hashes=hashes[span[0]:span[1]], num_threads=threads,
+                                         device=device)
             model_key = Registry.model_key(spec.name, p.pid, ctx.run_id)
             store.write_bytes(model_key, result.model_str.encode())
         except (PartitionError, PartitionTimeout, StorageError) as exc:
@@ -254,7 +260,8 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
             metric_value=result.metric, metrics=result.metrics, fingerprint=fp, model_key=model_key,
             features=result.features, time_min=result.time_min, time_max=result.time_max,
             trained_at=dt.datetime.now(dt.UTC), wall_s=time.perf_counter() - t0,
-            cpu_s=time.process_time() - c0, peak_rss_mb=peak_rss_mb(), started_s=s0, device=device))
+            cpu_s=time.process_time() - c0, peak_rss_mb=peak_rss_mb(), started_s=s0, device=device,
+            comparison=result.comparison, warnings=result.warnings))
     return out
 
 
@@ -316,6 +323,13 @@ def plan_tasks(plan: Plan, spec: JobSpec, planned: Sequence[PlannedPartition], s
             for n, (res, idx, files) in enumerate(pack_plan(plan, spec, slots))]
 
 
+def _feature_list(value: Any) -> tuple[str, ...] | None:
+    """An index row's feature list (JSON text, or a list where already decoded)."""
+    if value is None:
+        return None
+    return tuple(json.loads(value) if isinstance(value, str) else value)
+
+
 def _check_inputs(spec: JobSpec, source: Source) -> None:
     d = spec.data
     check_columns(source, {"partition_by": d.partition_by, "target": [d.target],
@@ -323,6 +337,14 @@ def _check_inputs(spec: JobSpec, source: Source) -> None:
     check_numeric(source, d.target, "target")
     if not spec.pipeline.prepare:
         check_columns(source, {"features": d.features})
+        # The holdout is the latest rows by this column: text would sort as text (a prepare may
+        # still parse it, so with one the pipeline checks the prepared column instead).
+        if d.time_column:
+            t = source.schema.field(d.time_column).type
+            if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_duration(t)
+                    or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
+                raise InputError(f"column {d.time_column!r} (time_column) must be a date/time or a number, "
+                                 f"but {source.url!r} has it as {t}")
 
 
 def check_prepare(spec: JobSpec) -> None:
@@ -395,7 +417,8 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
             key=p.key, pid=pid, partition=encode_partition(keys, p.key), rows=p.rows,
             champion_key=champ["model_key"] if champ else None,
             latest_fingerprint=latest["fingerprint"] if latest else None,
-            latest_spec_hash=latest["spec_hash"] if latest else None, files=p.files))
+            latest_spec_hash=latest["spec_hash"] if latest else None, files=p.files,
+            champion_features=_feature_list(champ["features"]) if champ else None))
     record: dict[str, Any] = {
         "run_id": run_id, "job": job, "kind": "train", "status": "running",
         "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
@@ -600,12 +623,15 @@ def _finish(reg: Registry, spec: JobSpec, run_id: str, record: dict[str, Any],
     status = "succeeded" if n_failed <= spec.run.max_failure_fraction * total else "failed"
     if any(o.status == "skipped" and o.reason == "budget" for o in outcomes):
         status = "budget_exceeded"
+    # A data warning is the same text in every partition it concerns: reported once per run.
+    warnings = list(dict.fromkeys(w for o in outcomes for w in o.warnings))
     summary = RunSummary(
         run_id=run_id, job=spec.name, status=status, total=total,
         trained=sum(o.status == "trained" for o in outcomes),
         promoted=sum(o.status == "trained" and o.promote for o in outcomes),
         skipped=sum(o.status == "skipped" for o in outcomes), failed=n_failed, failures=failures,
-        cost=cost, registry=reg.url, wall_s=wall, nodes=nodes, versions=dict(versions))
+        cost=cost, registry=reg.url, wall_s=wall, nodes=nodes, versions=dict(versions),
+        warnings=warnings)
     record = {**record, **summary.to_dict(), "finished_at": utc_now().isoformat()}
     reg.write_run(spec.name, run_id, record, pa.Table.from_pylist(rows, schema=PARTITION_SCHEMA))
     return summary

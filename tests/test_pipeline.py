@@ -14,7 +14,9 @@ import pytest
 from manymodels.pipeline import (
     PartitionError,
     compute_metric,
+    holdout_split,
     lgb_params,
+    load_prepare,
     predict_partition,
     train_partition,
 )
@@ -85,10 +87,12 @@ def test_time_holdout_is_latest_rows(frame: pd.DataFrame) -> None:
 def test_random_holdout_without_time_column(frame: pd.DataFrame) -> None:
     spec = make_spec(time_column=None)
     n = len(frame)
-    k = round(n * 0.25)
     a, b = train_partition(frame, spec), train_partition(frame, spec)
     assert a.model_str == b.model_str  # seeded
-    assert a.metrics["holdout_rows"] == k
+    k = int(a.metrics["holdout_rows"])
+    # Each row's side is its own draw: about a quarter of the rows (within 4 standard deviations).
+    assert abs(k - n * 0.25) < 4 * math.sqrt(n * 0.25 * 0.75)
+    assert a.metrics["train_rows"] + k == n
     assert "ts" not in a.features  # a datetime column is never a default feature
     assert a.time_min is None
     timed = train_partition(frame, make_spec())
@@ -319,3 +323,207 @@ def test_numeric_feature_arriving_as_text_is_named_at_scoring() -> None:
     numbers = frame.assign(x2=1.0)
     with pytest.raises(PartitionError, match="feature column 'x2' holds numbers here"):
         predict_partition(numbers, spec, booster, features=result.features)
+
+
+# ----------------------------------------------------------------------------- rows reordered by prepare
+
+
+def _sort_with_lag(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.sort_values("ts")
+    return df.assign(prev_temp=df["temp_c"].shift(1))
+
+
+def test_predictions_follow_rows_that_prepare_reorders(frame: pd.DataFrame) -> None:
+    """Rows out of time order and a prepare that sorts them: each prediction lands on its own row."""
+    spec = make_spec()
+    result = train_partition(frame, spec, prepare=_sort_with_lag)
+    booster = lgb.Booster(model_str=result.model_str)
+    rows = frame.drop(columns="delay_min").sample(frac=1.0, random_state=4)
+    pred = pd.Series(predict_partition(rows, spec, booster, prepare=_sort_with_lag),
+                     index=rows["trip_id"].to_numpy())
+    in_order = frame.drop(columns="delay_min").sort_values("ts")
+    expected = pd.Series(predict_partition(in_order, spec, booster, prepare=_sort_with_lag),
+                         index=in_order["trip_id"].to_numpy())
+    assert not rows["ts"].is_monotonic_increasing
+    np.testing.assert_allclose(pred.loc[expected.index].to_numpy(), expected.to_numpy(), rtol=0, atol=0)
+    # The reference itself: plain LightGBM on the prepared rows, matched by trip_id.
+    prepared = _sort_with_lag(in_order)
+    X = prepared[list(result.features)].astype({"line": "category", "event": "category"})
+    plain = pd.Series(booster.predict(X), index=prepared["trip_id"].to_numpy())
+    np.testing.assert_allclose(pred.loc[plain.index].to_numpy(), plain.to_numpy(), rtol=0, atol=1e-12)
+
+
+def test_prepare_that_loses_row_identity_fails_the_partition(frame: pd.DataFrame) -> None:
+    spec = make_spec()
+    booster = lgb.Booster(model_str=train_partition(frame, spec, prepare=_sort_with_lag).model_str)
+    rows = frame.drop(columns="delay_min").sample(frac=1.0, random_state=4)
+    with pytest.raises(PartitionError, match=r"^prepare replaced the row index \(reset_index"):
+        predict_partition(rows, spec, booster,
+                          prepare=lambda df: _sort_with_lag(df).reset_index(drop=True))
+    with pytest.raises(PartitionError, match="replaced the row index"):
+        predict_partition(rows, spec, booster, prepare=lambda df: _sort_with_lag(df).merge(
+            pd.DataFrame({"event": ["none"], "extra": [1]}), on="event", how="left"))
+    with pytest.raises(PartitionError, match=r"^prepare returned 335 rows for 336: .*keep every row"):
+        predict_partition(rows, spec, booster, prepare=lambda df: _sort_with_lag(df).iloc[1:])
+    with pytest.raises(PartitionError, match="some rows twice"):
+        predict_partition(rows, spec, booster,
+                          prepare=lambda df: _sort_with_lag(pd.concat([df.iloc[:1], df.iloc[:-1]])))
+    # At training time a prepare may add, drop or renumber rows.
+    assert train_partition(rows.assign(delay_min=frame["delay_min"].to_numpy()), spec,
+                           prepare=lambda df: _sort_with_lag(df).reset_index(drop=True).iloc[5:]).rows == 331
+
+
+# ----------------------------------------------------------------------------- champion rule
+
+
+def test_champion_rule_with_a_feature_name_lightgbm_alters(frame: pd.DataFrame) -> None:
+    """LightGBM stores ``trip_distance`` for ``trip distance``: the champion is still judged."""
+    df = frame.rename(columns={"temp_c": "trip distance"})
+    champion = train_partition(df, make_spec(model={"params": {"n_estimators": 200}}))
+    assert "trip_distance" in lgb.Booster(model_str=champion.model_str).feature_name()
+    weak = make_spec(model={"params": {"n_estimators": 2}})
+    for registered in (None, champion.features):
+        result = train_partition(df, weak, champion=champion.model_str, champion_features=registered)
+        assert result.comparison == "same features"
+        assert not result.promote
+        assert "worse than the champion" in result.reason
+        assert result.metrics["champion_mae"] < result.metric
+    assert train_partition(df, weak).comparison == "no champion"
+
+
+def test_champion_with_other_features_is_judged_on_its_own(frame: pd.DataFrame) -> None:
+    spec = make_spec()
+    champion = train_partition(frame, make_spec(model={"params": {"n_estimators": 200}}))
+    # The new spec drops a feature the champion used; the column is still in the data.
+    fewer = make_spec(data={"exclude": ["trip_id", "wind_kph"]}, model={"params": {"n_estimators": 2}})
+    result = train_partition(frame, fewer, champion=champion.model_str,
+                             champion_features=champion.features)
+    assert "wind_kph" not in result.features
+    assert result.comparison == "champion on its own features"
+    assert not result.promote and "worse than the champion" in result.reason
+    # The champion's column is gone from the data: promoted, and the record says why not compared.
+    gone = train_partition(frame.drop(columns="wind_kph"), spec, champion=champion.model_str,
+                           champion_features=champion.features)
+    assert gone.promote
+    assert gone.comparison == "not compared: the champion's feature 'wind_kph' is not in the prepared data"
+    assert "champion_mae" not in gone.metrics
+    unreadable = train_partition(frame, spec, champion="not a model")
+    assert unreadable.promote and unreadable.comparison.startswith("not compared: the champion model "
+                                                                   "cannot be read")
+
+
+# ----------------------------------------------------------------------------- stable holdout
+
+
+def test_rows_keep_their_holdout_side_when_rows_are_added(frame: pd.DataFrame) -> None:
+    """Train on 100 rows, add 10 % more of the same distribution, retrain: the new holdout holds
+    none of the rows the champion trained on, so the champion rule compares out of sample."""
+    spec = make_spec(time_column=None)
+    first = frame.iloc[:100]
+    more = frame.iloc[:110].sample(frac=1.0, random_state=2)  # 10 new rows, and a new row order
+    champ_train, champ_holdout = holdout_split(first, spec)
+    new_train, new_holdout = holdout_split(more, spec)
+    assert set(new_holdout["trip_id"]).isdisjoint(champ_train["trip_id"])
+    assert set(champ_holdout["trip_id"]) <= set(new_holdout["trip_id"])
+    assert set(new_train["trip_id"]) >= set(champ_train["trip_id"])
+    # The split is the one training uses: its holdout metric is the model's error on those rows.
+    result = train_partition(more, spec)
+    assert result.metrics["holdout_rows"] == len(new_holdout)
+    assert result.metric == pytest.approx(_mae_on(result.model_str, new_holdout, spec), rel=1e-12)
+    # Through a prepare that reorders rows, each row still keeps its side (carried by the index).
+    _, sorted_holdout = holdout_split(more, spec, prepare=lambda df: df.sort_values("temp_c"))
+    assert set(sorted_holdout["trip_id"]) == set(new_holdout["trip_id"])
+
+
+def test_tiny_partitions_get_a_row_on_each_side(frame: pd.DataFrame) -> None:
+    for fraction in (0.01, 0.99):
+        spec = make_spec(time_column=None, validation={"min_rows": 2, "holdout_fraction": fraction})
+        for n in (2, 3, 5):
+            train, holdout = holdout_split(frame.iloc[:n], spec)
+            assert len(train) >= 1 and len(holdout) >= 1 and len(train) + len(holdout) == n
+
+
+# ----------------------------------------------------------------------------- time column
+
+
+@pytest.mark.parametrize("tz", ["Europe/Paris", None])
+def test_time_holdout_with_missing_times(tz: str | None) -> None:
+    """20 daily rows, 2 without a time, shuffled: the holdout is the 5 latest dated rows; the rows
+    without a time train (they are never "the latest")."""
+    days = pd.date_range("2026-01-01", periods=20, freq="D", tz=tz)
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"station": "a", "ts": days, "day": np.arange(1, 21), "x": rng.normal(size=20),
+                       "y": rng.normal(size=20)})
+    df.loc[df["day"].isin([11, 17]), "ts"] = pd.NaT
+    df = df.sample(frac=1.0, random_state=0).reset_index(drop=True)  # an order old code sorted wrong
+    spec = spec_from_dict({"data": {"source": "unused", "partition_by": ["station"], "target": "y",
+                                    "time_column": "ts", "exclude": ["day"]},
+                           "validation": {"min_rows": 10, "holdout_fraction": 0.25},
+                           "model": {"params": {"min_data_in_leaf": 2, "n_estimators": 3}}})
+    train, holdout = holdout_split(df, spec)
+    assert sorted(holdout["day"]) == [15, 16, 18, 19, 20]
+    assert {11, 17} <= set(train["day"])
+    result = train_partition(df, spec)
+    assert result.metrics["holdout_rows"] == 5
+    assert result.time_max is not None and result.time_max.startswith("2026-01-20")
+    # Training judged its model on exactly those rows.
+    latest = df[df["day"].isin([15, 16, 18, 19, 20])]
+    pred = predict_partition(latest, spec, lgb.Booster(model_str=result.model_str))
+    assert result.metric == pytest.approx(compute_metric("mae", latest["y"].to_numpy(), pred), rel=1e-12)
+
+
+def test_time_column_must_be_a_time_or_a_number(frame: pd.DataFrame) -> None:
+    with pytest.raises(PartitionError, match=r"^time column 'ts' must hold dates/times or numbers, not "):
+        train_partition(frame.assign(ts=frame["ts"].astype(str)), make_spec())
+    numeric = frame.assign(ts=np.arange(len(frame), dtype=np.float64)[::-1])
+    _, holdout = holdout_split(numeric, make_spec())
+    assert sorted(holdout["ts"]) == list(range(336 - 84, 336))  # the 84 largest numbers
+    dates = frame.assign(ts=frame["ts"].dt.date)  # how Arrow's date32 reaches pandas: date objects
+    assert dates["ts"].dtype == object
+    _, holdout = holdout_split(dates, make_spec())
+    assert sorted(holdout["trip_id"]) == sorted(frame["trip_id"].iloc[-84:])
+
+
+# ----------------------------------------------------------------------------- prepare modules
+
+
+def _prepare_spec(path: Any, func: str = "prepare") -> JobSpec:
+    return spec_from_dict({"data": {"source": "unused", "partition_by": ["station"], "target": "delay_min"},
+                           "pipeline": {"prepare": f"{path}:{func}"}})
+
+
+def test_prepare_module_can_define_dataclasses_and_import_siblings(tmp_path: Any,
+                                                                   frame: pd.DataFrame) -> None:
+    folder = tmp_path / "job_code"
+    folder.mkdir()
+    (folder / "mm_sibling_helpers.py").write_text("OFFSET = 7\n")
+    (folder / "prep.py").write_text(
+        "from dataclasses import dataclass\n"
+        "import mm_sibling_helpers\n\n\n"
+        "@dataclass(frozen=True)\n"
+        "class Shift:\n"
+        "    hours: int\n\n\n"
+        "def prepare(df):\n"
+        "    return df.assign(later=df['temp_c'] + Shift(mm_sibling_helpers.OFFSET).hours)\n")
+    prepare = load_prepare(_prepare_spec(folder / "prep.py"))
+    assert prepare is not None
+    assert (prepare(frame)["later"] == frame["temp_c"] + 7).all()
+    import sys
+
+    module = sys.modules[prepare.__module__]
+    assert module.__dict__["prepare"] is prepare
+
+
+# ----------------------------------------------------------------------------- stray strings
+
+
+def test_numeric_column_with_a_stray_string_is_named_in_a_warning(frame: pd.DataFrame) -> None:
+    df = frame.assign(fare=frame["temp_c"].astype(object))
+    df.loc[df.index[7], "fare"] = "n/a"
+    result = train_partition(df, make_spec())
+    assert len(result.warnings) == 1
+    assert result.warnings[0].startswith("feature column 'fare' is text but nearly all of its values are "
+                                         "numbers")
+    assert train_partition(frame, make_spec()).warnings == ()  # 'line' and 'event' are plain text
+    coded = make_spec(data={"categorical": ["fare"], "exclude": ["trip_id"]})
+    assert train_partition(df, coded).warnings == ()  # listed as a code on purpose

@@ -697,3 +697,52 @@ def test_only_scores_selected_partitions(trained: tuple[JobSpec, RunSummary], da
     assert (s.input_rows, s.scored_rows, s.partitions_scored) == (2 * AHEAD, AHEAD, 1)
     assert s.unscored == [{"partition": {"station": "stn-00009"}, "rows": AHEAD, "reason": "no champion"}]
     assert set(_read(out).column("station").to_pylist()) == {"stn-00001"}
+
+
+# ----------------------------------------------------------------------------- rows reordered by prepare
+
+
+SORTING_PREPARE = """
+
+_transit_prepare = prepare
+
+
+def prepare(df):  # noqa: F811
+    # The usual way to build a lag: sort by time (scoring input need not be in time order).
+    df = _transit_prepare(df).sort_values("ts")
+    return df.assign(prev_temp=df["temp_c"].shift(1))
+"""
+
+
+def test_prepare_that_sorts_rows_keeps_each_prediction_on_its_row(ray_session: None, make_spec: Any,
+                                                                   data: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    """Scoring input out of time order, a prepare that sorts by time: every output row carries the
+    prediction plain LightGBM makes for that row's own (prepared) features, matched by ``trip_id``."""
+    prep = tmp_path / "sorting.py"
+    prep.write_text((ROOT / "jobs" / "transit.py").read_text() + SORTING_PREPARE)
+    spec = make_spec(data["history"], tmp_path / "registry", pipeline={"prepare": f"{prep}:prepare"})
+    trained = manymodels.train(spec)
+    assert trained.failed == 0 and trained.promoted == N, trained.failures
+    rows = score_frame(N, AHEAD, after_hours=HIST).sample(frac=1.0, random_state=7)
+    flat = _write_flat(rows, tmp_path / "shuffled" / "rows.parquet")
+    out = tmp_path / "scores"
+    s = score(spec, data=str(flat), output=str(out))
+    _scored(s, N * AHEAD, N)
+    got = _run_rows(out, s.run_id).set_index("trip_id")["prediction"]
+    reg = Registry(spec.output.registry)
+    namespace: dict[str, Any] = {}
+    exec(compile(prep.read_text(), str(prep), "exec"), namespace)  # the user's prepare, run by hand
+    for station, part in rows.groupby("station"):
+        mv = reg.get(JOB, {"station": station})
+        assert "prev_temp" in mv.features
+        with fsspec.open(mv.model_uri, "r") as f:
+            booster = lgb.Booster(model_str=f.read())
+        prepared = namespace["prepare"](part.reset_index(drop=True))
+        X = prepared[mv.features].copy()
+        for col in X.columns:
+            if pd.api.types.is_string_dtype(X[col]) or X[col].dtype == object:
+                X[col] = X[col].astype("category")
+        expected = pd.Series(booster.predict(X), index=prepared["trip_id"].to_numpy())
+        mine = got.loc[part["trip_id"].to_numpy()]
+        np.testing.assert_allclose(mine.to_numpy(), expected.loc[mine.index].to_numpy(), rtol=0, atol=1e-12)
