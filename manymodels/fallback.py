@@ -365,7 +365,8 @@ def global_versions(reg: Registry, job: str) -> list[dict[str, Any]]:
 
 
 def rollback_global(reg: Registry, job: str) -> int:
-    """Restore the previous good global model; returns the version that now scores.
+    """Restore the previous good global model (the newest archived version older than the
+    champion, as ``Registry.rollback`` picks for a partition); returns the version that now scores.
 
     The registry's ``promote``/``rollback`` address partitions by their key values, which the
     global model does not have, so the restore goes through ``Registry.commit``: the earlier
