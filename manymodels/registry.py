@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 STATUSES = ("champion", "archived", "rejected")
+GLOBAL_PID = "__global__"
 
 INDEX_SCHEMA = pa.schema([
     ("pid", pa.string()), ("partition", pa.string()), ("version", pa.int64()), ("status", pa.string()),

@@ -70,6 +70,7 @@ class ModelRef:
     version: int
     run_id: str
     features: tuple[str, ...]
+    global_version: int | None = None  # the global model's registry version (its rows say 0)
 
 
 @dataclass(frozen=True)
@@ -267,11 +268,12 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
         strict=True)}
     fallback = None
     if spec.score.fallback == "global" and model_version is None and not train_run:
-        from manymodels.fallback import current_global
+        from manymodels.fallback import global_champion
 
-        g = current_global(reg.store, job)
-        fallback = None if g is None else ModelRef(model_key=g.model_key, version=0, run_id=g.run_id,
-                                                   features=g.features)
+        g = global_champion(reg, job)  # a rejected global model never scores
+        fallback = None if g is None else ModelRef(
+            model_key=g["model_key"], version=0, run_id=g["run_id"],
+            features=tuple(json.loads(g["features"])), global_version=int(g["version"]))
     if train_run:
         missing = f"train run {train_run} has no model for it"
     elif model_version is not None:
@@ -411,6 +413,9 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         "data": source.url, "output": scores.uri(spec.name), "registry": reg.url,
         "environment": environment(), "model_version": model_version, "train_run": train_run,
         "driver": process_identity()}
+    fallback = next((r for r in refs.values() if isinstance(r, ModelRef) and r.version == 0), None)
+    if fallback is not None:  # rows scored by it say model_version 0: the record names its version
+        record["global_model"] = {"version": fallback.global_version, "run_id": fallback.run_id}
     reg.write_run(spec.name, run_id, record)
     ctx = ScoreContext(spec=spec, source=source, keys=keys, columns=None, keep=tuple(keep),
                        registry_url=reg.url, staging_url=staging_url, run_id=run_id,

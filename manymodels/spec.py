@@ -166,6 +166,9 @@ class ScoreSpec:
 
     passthrough: tuple[str, ...] = ()
     fallback: str = "none"
+    # The global model's bounded input: rows kept per partition and in total (see fallback.py).
+    fallback_rows_per_partition: int = 1000
+    fallback_max_rows: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -370,6 +373,9 @@ def _check(spec: JobSpec, where: str) -> JobSpec:
             raise SpecError(f"cost.{key} must be >= 0{where}")
     if spec.score.fallback not in ("none", "global"):
         raise SpecError(f"score.fallback must be none or global, got {spec.score.fallback!r}{where}")
+    for key in ("fallback_rows_per_partition", "fallback_max_rows"):
+        if getattr(spec.score, key) < 1:
+            raise SpecError(f"score.{key} must be at least 1, got {getattr(spec.score, key)}{where}")
     if not 0.0 <= spec.run.max_failure_fraction <= 1.0:
         raise SpecError(f"run.max_failure_fraction must be between 0 and 1{where}")
     if spec.run.max_retries < 0:

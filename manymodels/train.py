@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import signal
 import threading
@@ -42,7 +43,7 @@ from manymodels.data import (
 from manymodels.engine import NOT_SUBMITTED, Engine, TaskResources, pack_chunks
 from manymodels.pipeline import PartitionError, check_device, load_prepare, resolve_device, train_partition
 from manymodels.progress import RunProgress
-from manymodels.registry import NewVersion, Registry, encode_partition, partition_id
+from manymodels.registry import GLOBAL_PID, NewVersion, Registry, encode_partition, partition_id
 from manymodels.runinfo import environment, new_run_id, peak_rss_mb, utc_now
 from manymodels.spec import JobSpec, SpecError, load_spec, spec_hash
 from manymodels.storage import StorageError, Store, process_identity
@@ -478,7 +479,7 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
                     pending_commit, last_commit = [], time.perf_counter()
         versions.update(_commit(reg, job, run_id, pending_commit, shash, spec))
         global_info = _fit_global(engine, plan, spec, ctx, reg, trained=any(
-            o.status == "trained" for o in outcomes))
+            o.status == "trained" for o in outcomes), full=not only and limit is None)
         embedded = engine.embedded
     reg.compact(job)
     wall = time.perf_counter() - started
@@ -555,21 +556,30 @@ def _held_embedded(cluster: Mapping[str, float]) -> Held:
 
 
 def _fit_global(engine: Engine, plan: Plan, spec: JobSpec, ctx: TrainContext, reg: Registry,
-                trained: bool) -> dict[str, Any] | None:
-    """With ``[score] fallback = "global"``: fit the cross-partition model in one more task.
+                trained: bool, full: bool) -> dict[str, Any] | None:
+    """With ``[score] fallback = "global"``: fit the cross-partition model in one more task and
+    register it as a version of the global pseudo-partition, gated like a partition's model.
 
-    Refitted when any partition was (re)trained, or when there is none yet.
+    Only on full runs: an ``--only``/``--limit`` run sees a subset, and leaves the global model as
+    it is. Refitted when any partition was (re)trained, when the sample caps changed, or when
+    there is none yet. Returns the run record's ``global_model`` entry.
     """
-    from manymodels.fallback import current_global, train_global
+    from manymodels.fallback import GlobalTask, global_hash, global_state, new_global_version, train_global
 
     if spec.score.fallback != "global":
         return None
-    if not trained and current_global(reg.store, spec.name) is not None:
-        return {"status": "unchanged"}
-    files = tuple(range(len(plan.source.files)))
-    payload = (plan.source, plan.keys, [p.key for p in plan.partitions], files)
+    if not full:
+        return {"status": "skipped", "reason": "--only/--limit run"}
+    state = global_state(reg, spec.name)
+    champ = state["champion"] if state else None
+    ghash = global_hash(spec, ctx.spec_hash)
+    if not trained and state is not None and state["latest"]["spec_hash"] == ghash:
+        return {"status": "unchanged", "version": int(champ["version"]) if champ else None}
+    task = GlobalTask(source=plan.source, keys=plan.keys, files=tuple(range(len(plan.source.files))),
+                      n_partitions=len(plan.partitions),
+                      champion_key=champ["model_key"] if champ else None)
     res = TaskResources(spec.resources.num_cpus, spec.resources.num_gpus, spec.resources.memory_mb)
-    for item in engine.map(train_global, [payload], resources=[res], shared=ctx,
+    for item in engine.map(train_global, [task], resources=[res], shared=ctx,
                            max_retries=spec.run.max_retries):
         if item is None:
             continue
@@ -577,8 +587,11 @@ def _fit_global(engine: Engine, plan: Plan, spec: JobSpec, ctx: TrainContext, re
         if isinstance(result, BaseException):
             return {"status": "failed", "reason": f"{type(result).__name__}: "
                                                   f"{str(result).splitlines()[0][:300]}"}
-        return {"status": "trained", "run_id": result.run_id, "metric": result.metric,
-                "rows": result.rows, "model_key": result.model_key}
+        version = reg.commit(spec.name, [new_global_version(result, ctx.run_id, spec, ghash)])
+        metric = result.metric if math.isfinite(result.metric) else None  # the record is strict JSON
+        return {"status": "trained", "version": version[GLOBAL_PID], "promoted": result.promote,
+                "reason": result.reason, "metric": metric, "rows": result.rows,
+                "model_key": result.model_key, "sample": result.sample}
     return None
 
 

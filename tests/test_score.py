@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 import manymodels
 from manymodels import Registry, RunSummary
 from manymodels.cli import app
+from manymodels.fallback import global_champion
 from manymodels.score import ScoreSummary, _exchange, score
 from manymodels.spec import JobSpec
 from manymodels.synth import make_transit, score_frame, write_transit
@@ -541,8 +542,8 @@ def test_global_fallback_scores_untrained_partitions(trained: tuple[JobSpec, Run
                                                      tmp_path: Path) -> None:
     spec, train_summary = trained
     registry = Path(spec.output.registry)
-    current = json.loads((registry / JOB / "global" / "current.json").read_text())
-    assert current["run_id"] == train_summary.run_id
+    current = global_champion(Registry(str(registry)), JOB)
+    assert current is not None and (current["run_id"], current["version"]) == (train_summary.run_id, 1)
     fb_spec = make_spec(data["history"], registry, score={"fallback": "global"})
     out = tmp_path / "scores"
     s = score(fb_spec, data=str(data["next10"]), output=str(out))
@@ -555,10 +556,10 @@ def test_global_fallback_scores_untrained_partitions(trained: tuple[JobSpec, Run
     unseen = rows[rows["station"].isin(["stn-00008", "stn-00009"])]
     got = _run_rows(out, s.run_id).set_index("trip_id").loc[unseen["trip_id"].to_numpy(), "prediction"]
     uri = str(registry / current["model_key"])
-    expected = np.concatenate([_plain_predict(uri, list(current["features"]), part)
+    expected = np.concatenate([_plain_predict(uri, json.loads(current["features"]), part)
                                for _, part in unseen.groupby("station", sort=True)])
     np.testing.assert_allclose(got.to_numpy(), expected, rtol=0, atol=1e-12)
-    assert "station" in current["features"]
+    assert "station" in json.loads(current["features"])
     _, parts = Registry(str(registry)).run(s.run_id)
     assert parts is not None
     by_station = {json.loads(p)["station"]: v for p, v in zip(parts["partition"], parts["model_version"],
