@@ -550,3 +550,29 @@ def test_key_types_validated(tmp_path: Path) -> None:
     assert "data.key_types.station" in message and "int64" in message and "job.toml" in message
     assert "data.key_types.station" in spec_error(tmp_path, MINIMAL + "key_types = { station = 5 }\n")
     assert "data.key_types" in spec_error(tmp_path, MINIMAL + 'key_types = "int64"\n')
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_adding_a_passthrough_column_retrains_without_it(make_spec: Any, tmp_path: Path) -> None:
+    """Issue 8 item 4: a new passthrough column is no longer a feature, so every partition is
+    retrained (not skipped as "unchanged") and the new models leave it out."""
+    import manymodels
+    from manymodels import Registry
+    from manymodels.synth import make_transit, write_transit
+
+    data = tmp_path / "data"
+    write_transit(make_transit(3, 24 * 7), str(data), layout="hive")
+    first = make_spec(data, tmp_path / "registry")
+    t1 = manymodels.train(first)
+    assert (t1.trained, t1.failed) == (3, 0), t1.failures
+    reg = Registry(first.output.registry)
+    assert all("temp_c" in m.features for m in reg.list(first.name))
+    again = manymodels.train(first)
+    assert (again.trained, again.skipped) == (0, 3)  # unchanged data and spec: skipped
+    second = make_spec(data, tmp_path / "registry", score={"passthrough": ["trip_id", "temp_c"]})
+    t2 = manymodels.train(second)
+    assert (t2.trained, t2.skipped, t2.failed) == (3, 0, 0), t2.failures
+    latest = {m.partition["station"]: m for m in reg.list(first.name, all_versions=True) if m.version == 2}
+    assert len(latest) == 3
+    assert all("temp_c" not in m.features and m.run_id == t2.run_id for m in latest.values())
