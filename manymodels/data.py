@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
@@ -214,14 +215,15 @@ class PartitionTally:
     """Row counts and files per partition key, folded from per-batch counts while planning.
 
     Unsorted data puts a partition in many batches of the same file; each partition keeps its
-    *distinct* files only (one int for the usual single file, a set beyond), so memory grows with
-    distinct (partition, file) pairs, never with batches × partitions.
+    *distinct* files only (a plain int for the usual single file, a compact ``array`` of 4-byte
+    indices beyond), so memory grows with distinct (partition, file) pairs, never with
+    batches × partitions.
     """
 
     __slots__ = ("_keys",)
 
     def __init__(self) -> None:
-        self._keys: dict[Key, list[Any]] = {}  # key -> [rows, file index or set of file indices]
+        self._keys: dict[Key, list[Any]] = {}  # key -> [rows, file index or array of file indices]
 
     def add(self, keys: Sequence[str], counts: pa.Table) -> None:
         """Fold one batch's ``group_by([*keys, "__fragment_index"]).count_all`` table."""
@@ -237,18 +239,19 @@ class PartitionTally:
                 continue
             entry[0] += rows[i]
             held = entry[1]
-            if isinstance(held, set):
-                held.add(file)
-            elif held != file:
-                entry[1] = {held, file}
+            if isinstance(held, int):
+                if held != file:
+                    entry[1] = array("i", (held, file))
+            elif file not in held:
+                held.append(file)
 
     def file_entries(self) -> int:
         """How many file indices are held over all partitions (= distinct (partition, file) pairs)."""
-        return sum(len(f) if isinstance(f, set) else 1 for _, f in self._keys.values())
+        return sum(1 if isinstance(f, int) else len(f) for _, f in self._keys.values())
 
     def partitions(self) -> list[Partition]:
         """The partitions in first-appearance order, each with its sorted files."""
-        return [Partition(key=k, rows=n, files=tuple(sorted(f)) if isinstance(f, set) else (f,))
+        return [Partition(key=k, rows=n, files=(f,) if isinstance(f, int) else tuple(sorted(f)))
                 for k, (n, f) in self._keys.items()]
 
 

@@ -342,14 +342,6 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
     """
     job = spec.name
     everything = reg.table(job)
-    data_pids = [partition_id(keys, p.key) for p in partitions]
-    lookup = data_pids
-    if types is not None and everything.num_rows and data_pids and not pc.any(pc.is_in(
-            pa.array(data_pids, pa.string()), value_set=pc.unique(everything.column("pid")))).as_py():
-        # Nothing of this data is registered: a key type that differs from training's?
-        converted = _normalised_keys(job, url, keys, types, partitions, everything.column("partition"))
-        if converted is not None:
-            lookup = [partition_id(keys, k) for k in converted]
     rows = everything
     if train_run:
         rows = rows.filter(pc.equal(rows.column("run_id"), train_run))
@@ -362,6 +354,15 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
     found = {pid: (key, version, run, feats) for pid, key, version, run, feats in zip(
         *(rows.column(c).to_pylist() for c in ("pid", "model_key", "version", "run_id", "features")),
         strict=True)}
+    data_pids = [partition_id(keys, p.key) for p in partitions]
+    lookup = data_pids
+    if types is not None and everything.num_rows and not any(pid in found for pid in data_pids) and not \
+            pc.any(pc.is_in(pa.array(data_pids, pa.string()), value_set=pc.unique(everything.column("pid")))
+                   ).as_py():
+        # Nothing of this data is registered at all: a key type that differs from training's?
+        converted = _normalised_keys(job, url, keys, types, partitions, everything.column("partition"))
+        if converted is not None:
+            lookup = [partition_id(keys, k) for k in converted]
     fallback = None
     if spec.score.fallback == "global" and model_version is None and not train_run:
         from manymodels.fallback import current_global
