@@ -303,7 +303,8 @@ def _normalised_keys(job: str, url: str, keys: Sequence[str], types: Sequence[pa
                  f"registry of job {job!r}")
         values = [k[i] for k in out]
         if data_family == "text" and reg_families == {"number"}:
-            bad = next((v for v in values if v is not None and not _CANONICAL_INT.fullmatch(v)), None)
+            bad = next((v for v in values if v is not None and not (
+                isinstance(v, str) and _CANONICAL_INT.fullmatch(v))), None)
             if bad is None:
                 for k in out:
                     k[i] = None if k[i] is None else int(k[i])
