@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any
@@ -27,10 +28,13 @@ from manymodels.storage import url_to_fs
 __all__ = [
     "InputError",
     "Partition",
+    "PartitionTally",
     "Plan",
+    "ReadStats",
     "Source",
     "fingerprint",
     "fingerprint_rows",
+    "keep_wanted",
     "key_label",
     "open_source",
     "plan_partitions",
@@ -117,11 +121,16 @@ def _guess_format(path: str, files: Sequence[str]) -> str:
     return "parquet"
 
 
-def open_source(url: str, fmt: str = "auto") -> Source:
+def open_source(url: str, fmt: str = "auto", key_types: Mapping[str, str] | None = None) -> Source:
     """Open a dataset at ``url`` and describe it.
 
+    Hive folder values (``key=value/``) are read as text, so ``store=00042`` stays ``"00042"`` and
+    ``007`` and ``7`` stay two partitions, unless ``key_types`` (the spec's ``data.key_types``) names
+    another Arrow type for that field. Columns stored in the files keep their stored type.
+
     Raises:
-        InputError: the URL does not exist, holds no data files, or a file cannot be read.
+        InputError: the URL does not exist, holds no data files, a file cannot be read, or
+            ``key_types`` names a column the data does not have.
     """
     fs, path = url_to_fs(url)
     try:
@@ -143,25 +152,35 @@ def open_source(url: str, fmt: str = "auto") -> Source:
     else:
         data_files = found
     base = path if fs.isdir(path) else path.rsplit("/", 1)[0]
+    types = dict(key_types or {})
+    hive_names = _hive_names(data_files, base)
+    # An explicit Hive schema: pyarrow's inference would turn "00042" into 42 and merge "007" with "7".
+    partitioning = ds.partitioning(pa.schema(
+        [pa.field(n, pa.type_for_alias(types.get(n, "string"))) for n in hive_names]),
+        flavor="hive") if hive_names else None
     try:
         dataset = ds.dataset(data_files, filesystem=fs, format=_file_format(fmt),
-                             partitioning="hive", partition_base_dir=base)
+                             partitioning=partitioning, partition_base_dir=base)
         schema = dataset.schema
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise InputError(f"data source {url!r} cannot be read as {fmt}: {_first_line(exc)}") from None
-    hive_names = _hive_names(data_files, base)
+    for name in types:
+        if name not in schema.names:
+            raise InputError(f"data.key_types names column {name!r}, which is not in {url!r} "
+                             f"(Hive folder fields: {', '.join(hive_names) or 'none'})")
     hive = tuple((n, str(schema.field(n).type)) for n in hive_names if n in schema.names)
     return Source(url=url, format=fmt, files=tuple(sorted(data_files)), base_dir=base,
                   hive_fields=hive, schema=schema)
 
 
 def _hive_names(files: Sequence[str], base: str) -> list[str]:
-    names: list[str] = []
-    for f in files[:1]:
+    """The ``key=value`` folder names under ``base``, in folder order (of every file, not only the first)."""
+    names: dict[str, None] = {}
+    for f in files:
         for part in f[len(base):].strip("/").split("/")[:-1]:
             if "=" in part:
-                names.append(part.split("=", 1)[0])
-    return names
+                names.setdefault(part.split("=", 1)[0], None)
+    return list(names)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -192,6 +211,50 @@ def check_numeric(source: Source, column: str, role: str) -> None:
         raise InputError(f"column {column!r} ({role}) must be numeric, but {source.url!r} has it as {t}")
 
 
+class PartitionTally:
+    """Row counts and files per partition key, folded from per-batch counts while planning.
+
+    Unsorted data puts a partition in many batches of the same file; each partition keeps its
+    *distinct* files only (a plain int for the usual single file, a compact ``array`` of 4-byte
+    indices beyond), so memory grows with distinct (partition, file) pairs, never with
+    batches × partitions.
+    """
+
+    __slots__ = ("_keys",)
+
+    def __init__(self) -> None:
+        self._keys: dict[Key, list[Any]] = {}  # key -> [rows, file index or array of file indices]
+
+    def add(self, keys: Sequence[str], counts: pa.Table) -> None:
+        """Fold one batch's ``group_by([*keys, "__fragment_index"]).count_all`` table."""
+        key_cols = [counts.column(k).to_pylist() for k in keys]
+        files = counts.column("__fragment_index").to_pylist()
+        rows = counts.column("count_all").to_pylist()
+        entries = self._keys
+        for i, file in enumerate(files):
+            key = tuple(_canon(col[i]) for col in key_cols)
+            entry = entries.get(key)
+            if entry is None:
+                entries[key] = [rows[i], file]
+                continue
+            entry[0] += rows[i]
+            held = entry[1]
+            if isinstance(held, int):
+                if held != file:
+                    entry[1] = array("i", (held, file))
+            elif file not in held:
+                held.append(file)
+
+    def file_entries(self) -> int:
+        """How many file indices are held over all partitions (= distinct (partition, file) pairs)."""
+        return sum(1 if isinstance(f, int) else len(f) for _, f in self._keys.values())
+
+    def partitions(self) -> list[Partition]:
+        """The partitions in first-appearance order, each with its sorted files."""
+        return [Partition(key=k, rows=n, files=(f,) if isinstance(f, int) else tuple(sorted(f)))
+                for k, (n, f) in self._keys.items()]
+
+
 def plan_partitions(source: Source, keys: Sequence[str],
                     keep: Callable[[dict[str, Any]], bool] | None = None) -> Plan:
     """Find every distinct key combination, its row count and its files, reading key columns only.
@@ -206,7 +269,7 @@ def plan_partitions(source: Source, keys: Sequence[str],
     Raises:
         InputError: a file cannot be read, or the data has no rows.
     """
-    merged: dict[Key, tuple[int, list[int]]] = {}
+    tally = PartitionTally()
     total = 0
     try:
         # Batch by batch with little read-ahead, so the driver's memory grows with the number of
@@ -215,25 +278,18 @@ def plan_partitions(source: Source, keys: Sequence[str],
         # string per row.
         scanner = source.dataset().scanner(columns=[*keys, "__fragment_index"], use_threads=True,
                                            batch_readahead=2, fragment_readahead=2)
-        for batch in scanner.to_batches():
-            if batch.num_rows == 0:
-                continue
-            total += batch.num_rows
-            counts = pa.Table.from_batches([batch]).group_by(
-                [*keys, "__fragment_index"], use_threads=False).aggregate([([], "count_all")])
-            key_cols = [counts.column(k).to_pylist() for k in keys]
-            files = counts.column("__fragment_index").to_pylist()
-            rows = counts.column("count_all").to_pylist()
-            for i, file in enumerate(files):
-                key = tuple(_canon(col[i]) for col in key_cols)
-                n, fl = merged.get(key, (0, []))
-                fl.append(file)
-                merged[key] = (n + rows[i], fl)
+        with scanner.to_reader() as reader:  # closed even on error: no read-ahead left at exit
+            for batch in reader:
+                if batch.num_rows == 0:
+                    continue
+                total += batch.num_rows
+                tally.add(keys, pa.Table.from_batches([batch]).group_by(
+                    [*keys, "__fragment_index"], use_threads=False).aggregate([([], "count_all")]))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise InputError(f"cannot read {source.url!r}: {_first_line(exc)}") from None
     if total == 0:
         raise InputError(f"data source {source.url!r} has no rows")
-    parts = [Partition(key=k, rows=n, files=tuple(sorted(set(fl)))) for k, (n, fl) in merged.items()]
+    parts = tally.partitions()
     if keep is not None:  # --only: the plan's rows are the kept partitions' rows
         parts = [p for p in parts if keep(p.as_dict(keys))]
         total = sum(p.rows for p in parts)
@@ -270,10 +326,93 @@ def _key_filter(keys: Sequence[str], wanted: Sequence[Key]) -> ds.Expression:
     return reduce(lambda a, b: a & b, exprs)
 
 
+@dataclass
+class ReadStats:
+    """What a chunk read cost, in rows: scanned (after the pushdown filter), kept, and the most held
+    at once (kept rows plus the batch in hand)."""
+
+    scanned_rows: int = 0
+    kept_rows: int = 0
+    peak_held_rows: int = 0
+
+
+def _null_nan_keys(table: pa.Table, keys: Sequence[str]) -> pa.Table:
+    """NaN keys are null keys (as in planning): one sort run, one span per partition."""
+    for name in keys:
+        col = table.column(name)
+        if pa.types.is_floating(col.type):
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col))
+    return table
+
+
+def _wanted_mask(table: pa.Table, keys: Sequence[str], wanted: Sequence[Key]) -> np.ndarray:
+    """Which rows of ``table`` belong to a ``wanted`` key tuple (null matches a ``None`` key value).
+
+    Column by column, each row's key prefix becomes a dense code among the wanted prefixes (-1 when
+    no wanted tuple starts with it), so codes never exceed ``len(wanted) ** 2``.
+    """
+    code = w_code = None
+    for i, name in enumerate(keys):
+        col = table.column(name)
+        if pa.types.is_dictionary(col.type):
+            col = pc.cast(col, col.type.value_type)
+        values = list(dict.fromkeys(k[i] for k in wanted))
+        try:
+            value_set = pa.array(values, type=col.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError):
+            want = set(wanted)  # a key type Arrow cannot build from Python values: compare in Python
+            cols = [table.column(k).to_pylist() for k in keys]
+            return np.fromiter((tuple(_canon(c[r]) for c in cols) in want for r in range(table.num_rows)),
+                               dtype=bool, count=table.num_rows)
+        rows = pc.fill_null(pc.index_in(col, value_set=value_set, skip_nulls=False), -1)
+        row_idx = rows.to_numpy().astype(np.int64)
+        pos = {v: j for j, v in enumerate(values)}
+        w_idx = np.fromiter((pos[k[i]] for k in wanted), dtype=np.int64, count=len(wanted))
+        if code is None or w_code is None:
+            code, w_code = row_idx, w_idx
+            continue
+        prefixes = np.unique(w_code * len(values) + w_idx)
+        w_code = np.searchsorted(prefixes, w_code * len(values) + w_idx)
+        joined = code * len(values) + row_idx
+        at = np.minimum(np.searchsorted(prefixes, joined), len(prefixes) - 1)
+        code = np.where((code >= 0) & (row_idx >= 0) & (prefixes[at] == joined), at, -1)
+    assert code is not None
+    mask: np.ndarray = code >= 0
+    return mask
+
+
+def keep_wanted(batches: Iterable[pa.RecordBatch], keys: Sequence[str], wanted: Sequence[Key],
+                schema: pa.Schema) -> tuple[pa.Table, ReadStats]:
+    """Keep the rows of ``wanted`` key tuples from a scan, batch by batch (a semi-join).
+
+    A pushdown filter has one condition per key column, so for multi-column keys it passes the
+    cross product of the wanted values; this keeps the wanted tuples only, and never holds more
+    than the kept rows plus one batch.
+    """
+    stats = ReadStats()
+    kept: list[pa.Table] = []
+    exact = len(keys) == 1  # the pushdown filter is exact for one key column
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        stats.scanned_rows += batch.num_rows
+        stats.peak_held_rows = max(stats.peak_held_rows, stats.kept_rows + batch.num_rows)
+        part = _null_nan_keys(pa.Table.from_batches([batch]), keys)
+        if not exact:
+            part = part.filter(pa.array(_wanted_mask(part, keys, wanted)))
+        if part.num_rows:
+            kept.append(part)
+            stats.kept_rows += part.num_rows
+    return (pa.concat_tables(kept) if kept else schema.empty_table()), stats
+
+
 def read_partitions(source: Source, keys: Sequence[str], wanted: Sequence[Key],
                     files: Sequence[int], columns: Sequence[str] | None = None
                     ) -> tuple[pd.DataFrame, dict[Key, tuple[int, int]], pa.Table]:
     """Read the rows of ``wanted`` partitions from their ``files``, grouped by partition.
+
+    Only the wanted partitions' rows are materialised (see :func:`keep_wanted`).
 
     Returns:
         ``(frame, spans, table)``: the rows as one pandas frame, stably sorted by key so that each
@@ -282,13 +421,10 @@ def read_partitions(source: Source, keys: Sequence[str], wanted: Sequence[Key],
         used by scoring to write key columns unchanged).
     """
     dataset = source.dataset([source.files[i] for i in files])
-    table = dataset.to_table(columns=list(columns) if columns is not None else None,
-                             filter=_key_filter(keys, wanted), use_threads=False)
-    for name in keys:  # NaN keys are null keys (as in planning): one sort run, one span per partition
-        col = table.column(name)
-        if pa.types.is_floating(col.type):
-            table = table.set_column(table.schema.get_field_index(name), name,
-                                     pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col))
+    scanner = dataset.scanner(columns=list(columns) if columns is not None else None,
+                              filter=_key_filter(keys, wanted), use_threads=False)
+    with scanner.to_reader() as reader:  # closed even on error: no read-ahead left at exit
+        table, _ = keep_wanted(reader, keys, wanted, scanner.projected_schema)
     if table.num_rows:
         order = pc.sort_indices(table, sort_keys=[(k, "ascending", "at_end") for k in keys]) \
             if _sort_keys_supported() else pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys])

@@ -250,11 +250,101 @@ def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
     return out
 
 
+_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+def _family(value: Any) -> str:
+    """A key value's type family as partition ids see it: number, bool or text (None: null)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, int | float) else "text"
+
+
+def _arrow_family(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_null(t):
+        return "null"
+    return "number" if pa.types.is_integer(t) or pa.types.is_floating(t) else "text"
+
+
+def _normalised_keys(job: str, url: str, keys: Sequence[str], types: Sequence[pa.DataType],
+                     partitions: Sequence[Any], registry_partitions: pa.ChunkedArray | pa.Array
+                     ) -> list[tuple[Any, ...]] | None:
+    """The scoring keys in the registry's key types, where a key column's type family differs.
+
+    The registry tells ``"7"`` from ``7`` (the family is part of a partition's identity). When the
+    scoring data holds a key column in another family than every registered partition (integers in
+    a flat file, text from Hive folders), the values are converted where that is exact both ways:
+    digit strings without leading zeros ↔ integers. Anything else is an error naming the column, the
+    two types and the fix, never "no champion" for every row.
+
+    Returns:
+        The converted keys (one per partition, in order), or ``None`` when no column differs.
+
+    Raises:
+        InputError: the families differ and the values cannot be converted exactly.
+    """
+    texts = pc.unique(registry_partitions).to_pylist()
+    registered = json.loads("[" + ",".join(texts) + "]") if texts else []
+    out = [list(p.key) for p in partitions]
+    changed = False
+    for i, (name, dtype) in enumerate(zip(keys, types, strict=True)):
+        reg_values = [d.get(name) for d in registered]
+        reg_families = {_family(v) for v in reg_values} - {"null"}
+        data_family = _arrow_family(dtype)
+        if not reg_families or data_family == "null" or data_family in reg_families:
+            continue
+        reg_family = "/".join(sorted(reg_families))
+        where = (f"partition key {name!r} is {data_family} ({dtype}) in {url!r} but {reg_family} in the "
+                 f"registry of job {job!r}")
+        values = [k[i] for k in out]
+        if data_family == "text" and reg_families == {"number"}:
+            bad = next((v for v in values if v is not None and not (
+                isinstance(v, str) and _CANONICAL_INT.fullmatch(v))), None)
+            if bad is None:
+                for k in out:
+                    k[i] = None if k[i] is None else int(k[i])
+                changed = True
+                continue
+            raise InputError(f"{where}, and {bad!r} is not an integer's text (e.g. leading zeros): "
+                             f"set [data] key_types = {{ {name} = \"int64\" }} to read Hive folder values "
+                             f"as integers, as in training, or retrain with text keys")
+        if data_family == "number" and reg_families == {"text"}:
+            bad_reg = next((v for v in reg_values if v is not None and not _CANONICAL_INT.fullmatch(v)),
+                           None)
+            bad = next((v for v in values if v is not None and not float(v).is_integer()), None)
+            if bad_reg is None and bad is None:
+                for k in out:
+                    k[i] = None if k[i] is None else str(int(k[i]))
+                changed = True
+                continue
+            example = bad_reg if bad_reg is not None else bad
+            raise InputError(f"{where} (e.g. {example!r}), and integers cannot tell which text they "
+                             f"were: score data whose {name!r} column holds the same text as in training "
+                             f"(e.g. Hive folders or a string column), or retrain from this data")
+        raise InputError(f"{where}: score data whose {name!r} column has the type it had in training, "
+                         f"or retrain from this data")
+    return [tuple(k) for k in out] if changed else None
+
+
 def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: Sequence[Any],
-                model_version: int | None, train_run: str | None) -> dict[str, ModelRef | str]:
-    """pid → the model that scores it (the global fallback where configured), or why none does."""
+                model_version: int | None, train_run: str | None,
+                types: Sequence[pa.DataType] | None = None, url: str = "") -> dict[str, ModelRef | str]:
+    """pid (of the scoring data's key) → the model that scores it (the global fallback where
+    configured), or why none does.
+
+    ``types`` are the key columns' Arrow types in the scoring data: when no partition is found in
+    the registry and a key column's type family differs from the registry's, keys are normalised
+    (or an error is raised) by :func:`_normalised_keys`.
+    """
     job = spec.name
-    rows = reg.table(job)
+    everything = reg.table(job)
+    rows = everything
     if train_run:
         rows = rows.filter(pc.equal(rows.column("run_id"), train_run))
         if rows.num_rows == 0:
@@ -266,6 +356,15 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
     found = {pid: (key, version, run, feats) for pid, key, version, run, feats in zip(
         *(rows.column(c).to_pylist() for c in ("pid", "model_key", "version", "run_id", "features")),
         strict=True)}
+    data_pids = [partition_id(keys, p.key) for p in partitions]
+    lookup = data_pids
+    if types is not None and everything.num_rows and not any(pid in found for pid in data_pids) and not \
+            pc.any(pc.is_in(pa.array(data_pids, pa.string()), value_set=pc.unique(everything.column("pid")))
+                   ).as_py():
+        # Nothing of this data is registered at all: a key type that differs from training's?
+        converted = _normalised_keys(job, url, keys, types, partitions, everything.column("partition"))
+        if converted is not None:
+            lookup = [partition_id(keys, k) for k in converted]
     fallback = None
     if spec.score.fallback == "global" and model_version is None and not train_run:
         from manymodels.fallback import global_champion
@@ -283,9 +382,8 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
     out: dict[str, ModelRef | str] = {}
     # One decode per distinct feature list (100,000 partitions usually share one).
     feature_lists = {text: tuple(json.loads(text)) for text in {r[3] for r in found.values()}}
-    for p in partitions:
-        pid = partition_id(keys, p.key)
-        r = found.get(pid)
+    for pid, registered in zip(data_pids, lookup, strict=True):
+        r = found.get(registered)
         if r is None and fallback is not None:
             out[pid] = fallback
             continue
@@ -380,7 +478,7 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     if run_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]*[A-Za-z][A-Za-z0-9_-]*", run_id):
         raise SpecError(f"--run-id {run_id!r} must be letters, digits, '-' and '_', with at least one letter")
     check_prepare(spec)
-    source = open_source(spec.data.source, spec.data.format)
+    source = open_source(spec.data.source, spec.data.format, spec.data.key_types)
     d = spec.data
     check_columns(source, {"partition_by": d.partition_by, "score.passthrough": spec.score.passthrough})
     plan = plan_partitions(source, d.partition_by, parse_only(only, d.partition_by))
@@ -389,7 +487,8 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     reg = Registry(spec.output.registry)
     if not reg.store.exists(f"{spec.name}/index"):  # pinned or not: nothing can score
         raise InputError(f"the registry {reg.url} has no models of job {spec.name!r}: train it first")
-    refs = _model_refs(reg, spec, plan.keys, plan.partitions, model_version, train_run)
+    refs = _model_refs(reg, spec, plan.keys, plan.partitions, model_version, train_run,
+                       [source.schema.field(k).type for k in plan.keys], source.url)
     scores = Store(spec.output.scores)
     reg.store.check_writable()
     scores.check_writable()

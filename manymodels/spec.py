@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "HASH_EXCLUDED",
+    "KEY_TYPES",
     "CostSpec",
     "DataSpec",
     "FrozenMap",
@@ -44,6 +46,9 @@ HIGHER_IS_BETTER = {"r2": True, "auc": True, "accuracy": True, "mae": False, "rm
                     "mape": False, "logloss": False}
 OBJECTIVES_CLASSIFICATION = {"binary", "multiclass", "multiclassova", "cross_entropy"}
 _JOB_NAME = re.compile(r"^[a-z0-9_-]{1,64}$")
+# Arrow types a Hive folder value (``key=value/``) may be parsed as; text is the default.
+KEY_TYPES = ("string", "large_string", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+             "uint64", "date32")
 
 
 class SpecError(ValueError):
@@ -99,6 +104,7 @@ class DataSpec:
     time_column: str = ""
     categorical: tuple[str, ...] = ()
     format: str = "auto"
+    key_types: Mapping[str, str] = field(default_factory=FrozenMap)
 
 
 @dataclass(frozen=True)
@@ -328,6 +334,10 @@ def _check(spec: JobSpec, where: str) -> JobSpec:
             raise SpecError(f"{role} {sorted(clash)[0]!r} is also a partition_by column{where}")
     if d.target in d.features:
         raise SpecError(f"data.features lists the target {d.target!r}{where}")
+    for col, type_name in d.key_types.items():
+        if type_name not in KEY_TYPES:
+            raise SpecError(f"data.key_types.{col} must be one of {', '.join(KEY_TYPES)}, got {type_name!r}"
+                            f"{where}")
     if d.format not in ("auto", "parquet", "csv"):
         raise SpecError(f"data.format must be auto, parquet or csv, got {d.format!r}{where}")
     if spec.pipeline.prepare and ":" not in spec.pipeline.prepare:
@@ -467,21 +477,54 @@ def load_spec(path: str | Path | None = None, **overrides: Any) -> JobSpec:
     return spec_from_dict(table, path=str(p), **overrides)
 
 
-def spec_hash(spec: JobSpec) -> str:
-    """A stable hash of what determines a trained model: columns, prepare code, model, validation.
+# Keys that do not change what a trained model is: where the job's data and outputs live, what a run
+# may cost or reserve, and how failures are handled. Every other key of every section is hashed, so a
+# key added later makes models stale until it is listed here (a needless retrain, never a silent
+# skip). ``section`` alone excludes the whole section.
+HASH_EXCLUDED = frozenset({
+    "job",  # the name only names folders
+    "data.source", "data.format",  # where the rows are; the data fingerprint covers the rows as read
+    "model.gpu_fallback",  # what to do when no GPU build exists (the device actually used is recorded)
+    "resources",  # amounts only: the device they imply for ``model.device = "auto"`` is hashed
+    "cost", "output", "run",
+    "score.fallback",  # the global model is trained and versioned on its own
+})
 
-    Resources, cost rates, output locations, run settings and the data source's URL are left out:
-    moving a job to a bigger machine or a new bucket does not make its models stale (the data
-    fingerprint covers the rows themselves).
+
+def _hashed(section: str, key: str) -> bool:
+    return section not in HASH_EXCLUDED and f"{section}.{key}" not in HASH_EXCLUDED
+
+
+def spec_hash(spec: JobSpec) -> str:
+    """A stable hash of what determines a trained model.
+
+    Every key that changes what a model sees or how it is trained: the columns and their roles
+    (``features``, ``exclude``, ``partition_by``, ``target``, ``time_column``, ``categorical``,
+    ``key_types``, ``score.passthrough``: all of what selects the feature columns), the prepare
+    function's name and code, the objective and parameters, the device LightGBM runs on, and all of
+    ``[validation]``. Resources, cost rates, output locations, run settings and the data source's URL
+    are left out (:data:`HASH_EXCLUDED`): moving a job to a bigger machine or a new bucket does not
+    make its models stale (the data fingerprint covers the rows themselves).
     """
-    d = spec.data
-    payload = {
-        "data": {"partition_by": d.partition_by, "target": d.target, "features": d.features,
-                 "exclude": d.exclude, "time_column": d.time_column, "categorical": d.categorical},
-        "prepare": {"ref": spec.pipeline.prepare.rpartition(":")[2],
-                    "source": hashlib.sha256(spec.prepare_source.encode()).hexdigest()},
-        "model": {"objective": spec.model.objective, "params": dict(spec.model.params)},
-        "validation": dataclasses.asdict(spec.validation),
-    }
+    from manymodels.pipeline import resolve_device  # pipeline imports this module
+
+    payload: dict[str, Any] = {}
+    for section in _SECTIONS:
+        part = getattr(spec, section)
+        payload[section] = {f.name: getattr(part, f.name) for f in dataclasses.fields(part)
+                            if _hashed(section, f.name)}
+    prepare = payload["pipeline"].pop("prepare")
+    payload["pipeline"]["prepare"] = {"ref": prepare.rpartition(":")[2],
+                                      "source": hashlib.sha256(spec.prepare_source.encode()).hexdigest()}
+    # CPU and GPU builds of LightGBM grow different trees: hash the device each task trains on
+    # (``auto`` follows the GPUs a task reserves), not the reserved amounts themselves.
+    r = spec.resources
+    device = resolve_device(spec.model.device, r.num_gpus)
+    payload["model"]["device"] = device
+    other = [[sorted((k, str(v)) for k, v in o.match.items()), d] for o in r.override
+             if (d := resolve_device(spec.model.device, r.num_gpus if o.num_gpus is None else o.num_gpus))
+             != device]
+    if other:
+        payload["model"]["device_overrides"] = other
     text = json.dumps(_plain(payload), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

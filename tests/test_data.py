@@ -16,11 +16,13 @@ import pytest
 
 from manymodels.data import (
     InputError,
+    PartitionTally,
     Plan,
     Source,
     check_columns,
     check_numeric,
     fingerprint,
+    keep_wanted,
     key_label,
     open_source,
     plan_partitions,
@@ -95,6 +97,7 @@ def check_read(source: Source, plan: Plan, df: pd.DataFrame, wanted: Sequence[tu
             assert [norm(v) for v in part[name]] == [value] * len(part)
         covered += stop - start
     assert covered == sum(by_key[w].rows for w in wanted)
+    assert table.num_rows == covered  # no rows of other partitions are materialised
     others = set(df["seq"]) - {s for w in wanted for s in rows_of(df, keys, w)["seq"]}
     in_spans = {s for w in wanted for s in frame["seq"].iloc[spans[w][0]:spans[w][1]]}
     assert not in_spans & others
@@ -248,7 +251,8 @@ def test_hive_integer_keys(tmp_path: Path) -> None:
     folder = tmp_path / "ints"
     ds.write_dataset(pa.Table.from_pandas(df, preserve_index=False), folder, format="parquet",
                      partitioning=ds.partitioning(pa.schema([("zone", pa.int64())]), flavor="hive"))
-    source = open_source(str(folder))
+    source = open_source(str(folder), key_types={"zone": "int64"})  # text unless the spec says so
+    assert source.hive_fields == (("zone", "int64"),)
     plan = plan_partitions(source, ["zone"])
     assert plan_counts(plan) == {(3,): 5, (1,): 7, (2,): 9}
     assert all(type(p.key[0]) is int for p in plan.partitions)
@@ -446,3 +450,163 @@ def test_fingerprint_same_rows_different_files(tmp_path: Path) -> None:
         frame, spans, _ = read_partitions(source, ["k"], [("a",)], [0])
         prints.append(fingerprint(frame.iloc[spans[("a",)][0]:spans[("a",)][1]]))
     assert prints[0] == prints[1]
+
+
+# ----------------------------------------------------------------------------- Hive keys keep their text
+
+
+def hive_folders(root: Path, values: Sequence[str], rows: int = 3) -> Path:
+    for n, value in enumerate(values):
+        folder = root / f"store={value}"
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"seq": np.arange(rows) + 10 * n, "y": np.full(rows, float(n))}),
+                       folder / "part-0.parquet")
+    return root
+
+
+def test_hive_values_stay_text(tmp_path: Path) -> None:
+    """``store=007`` and ``store=7`` are two partitions, ``00042`` keeps its zeros."""
+    source = open_source(str(hive_folders(tmp_path / "h", ["007", "7", "00042"])))
+    assert source.hive_fields == (("store", "string"),)
+    plan = plan_partitions(source, ["store"])
+    assert plan_counts(plan) == {("007",): 3, ("7",): 3, ("00042",): 3}
+    frame, spans, _ = read_partitions(source, ["store"], [("007",)], range(len(source.files)))
+    assert frame["store"].iloc[spans[("007",)][0]:spans[("007",)][1]].tolist() == ["007"] * 3
+    assert frame["seq"].tolist() == [0, 1, 2]
+
+
+def test_hive_field_of_a_later_file_is_text_too(tmp_path: Path) -> None:
+    """Fields are found in every file's folders, not only in the first file's."""
+    root = tmp_path / "h"
+    pq.write_table(pa.table({"store": ["1"], "y": [1.0]}), tmp_path / "flat.parquet")
+    hive_folders(root / "region=010", ["01"])
+    (root / "aaa.parquet").write_bytes((tmp_path / "flat.parquet").read_bytes())
+    source = open_source(str(root))
+    assert dict(source.hive_fields).get("region") == "string"
+
+
+def test_key_types_parse_hive_values(tmp_path: Path) -> None:
+    root = hive_folders(tmp_path / "h", ["007", "7", "00042"])
+    source = open_source(str(root), key_types={"store": "int64"})
+    assert source.hive_fields == (("store", "int64"),)
+    assert plan_counts(plan_partitions(source, ["store"])) == {(7,): 6, (42,): 3}  # asked for: merged
+
+
+def test_key_types_unknown_column(tmp_path: Path) -> None:
+    root = hive_folders(tmp_path / "h", ["1"])
+    with pytest.raises(InputError, match=r"data\.key_types names column 'shop'.*Hive folder fields: store"):
+        open_source(str(root), key_types={"shop": "int64"})
+
+
+def test_key_types_value_that_does_not_parse(tmp_path: Path) -> None:
+    root = hive_folders(tmp_path / "h", ["1", "abc"])
+    with pytest.raises(InputError, match="abc"):
+        plan_partitions(open_source(str(root), key_types={"store": "int64"}), ["store"])
+
+
+def test_key_types_leave_file_columns_alone(single: tuple[str, pd.DataFrame]) -> None:
+    source = open_source(single[0], key_types={"seq": "string"})
+    assert source.schema.field("seq").type == pa.int64()
+
+
+# ----------------------------------------------------------------------------- exact chunk reads
+
+
+@pytest.fixture
+def store_sku(tmp_path: Path) -> tuple[str, pd.DataFrame]:
+    """40 stores × 25 skus, 4 rows each, shuffled, in small row groups (several batches)."""
+    stores, skus = np.meshgrid(np.arange(40), [f"sku-{i:02d}" for i in range(25)], indexing="ij")
+    pairs = pd.DataFrame({"store": stores.ravel(), "sku": skus.ravel()})
+    df = pairs.loc[pairs.index.repeat(4)].sample(frac=1.0, random_state=3).reset_index(drop=True)
+    df["store"] = df["store"].astype(object)
+    df.loc[df["store"] == 39, "store"] = None  # a null key value takes part in the tuples too
+    df["store"] = df["store"].astype("Int64")
+    df["seq"] = np.arange(len(df))
+    df["y"] = np.random.default_rng(0).normal(size=len(df))
+    path = tmp_path / "unsorted.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, row_group_size=300)
+    return str(path), df
+
+
+def test_multi_column_chunk_reads_only_its_tuples(store_sku: tuple[str, pd.DataFrame]) -> None:
+    """A chunk whose (store, sku) tuples span 20 stores and 20 skus reads its 20 partitions' rows,
+    not the 400-pair cross product the per-column pushdown filter lets through."""
+    url, df = store_sku
+    source = open_source(url)
+    plan = plan_partitions(source, ["store", "sku"])
+    assert len(plan.partitions) == 1000
+    wanted = [(s, f"sku-{(s * 7) % 25:02d}") for s in range(19)] + [(None, "sku-03")]
+    frame, spans, table = read_partitions(source, plan.keys, wanted, [0])
+    assert table.num_rows == len(frame) == 20 * 4  # the rows its partitions hold, nothing more
+    assert set(spans) == set(wanted)
+    check_read(source, plan, df, wanted)
+
+
+def test_keep_wanted_holds_kept_rows_plus_one_batch(store_sku: tuple[str, pd.DataFrame]) -> None:
+    url, _ = store_sku
+    source = open_source(url)
+    wanted = [(s, f"sku-{(s * 7) % 25:02d}") for s in range(19)]
+    dataset = source.dataset()
+    batches = list(dataset.to_batches(columns=["store", "sku", "seq"]))
+    assert len(batches) > 10
+    table, stats = keep_wanted(batches, ["store", "sku"], wanted, dataset.schema)
+    assert table.num_rows == stats.kept_rows == 19 * 4
+    assert stats.scanned_rows == 4000
+    biggest = max(b.num_rows for b in batches)
+    assert stats.peak_held_rows <= stats.kept_rows + biggest
+    got = set(zip(table.column("store").to_pylist(), table.column("sku").to_pylist(), strict=True))
+    assert got == set(wanted)
+
+
+def test_keep_wanted_three_columns_and_no_match(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    t = pa.table({"a": rng.integers(0, 5, 2000), "b": rng.integers(0, 5, 2000).astype(float),
+                  "c": [["x", "y", None][i] for i in rng.integers(0, 3, 2000)]})
+    wanted = [(1, 2.0, "x"), (2, 1.0, None), (4, 4.0, "y"), (9, 9.0, "z")]
+    table, stats = keep_wanted(t.to_batches(max_chunksize=128), ["a", "b", "c"], wanted, t.schema)
+    rows = set(zip(*(table.column(k).to_pylist() for k in "abc"), strict=True))
+    assert rows == set(wanted[:3])
+    expected = sum(1 for r in zip(*(t.column(k).to_pylist() for k in "abc"), strict=True) if r in wanted)
+    assert table.num_rows == stats.kept_rows == expected
+    none, _ = keep_wanted(t.to_batches(max_chunksize=128), ["a", "b", "c"], [(9, 9.0, "z")], t.schema)
+    assert none.num_rows == 0 and none.schema == t.schema
+
+
+# ----------------------------------------------------------------------------- planning memory
+
+
+def test_tally_keeps_distinct_files_only() -> None:
+    """1,000 batches of the same 50 keys in the same 2 files: 100 file entries, not 100,000."""
+    tally = PartitionTally()
+    for n in range(1000):
+        tally.add(["k"], pa.table({"k": list(range(50)), "count_all": [2] * 50,
+                                   "__fragment_index": pa.array([n % 2] * 50, pa.int32())}))
+    assert tally.file_entries() == 100
+    parts = tally.partitions()
+    assert [p.key for p in parts] == [(k,) for k in range(50)]
+    assert all(p.files == (0, 1) and p.rows == 2000 for p in parts)
+
+
+def test_planning_memory_does_not_grow_with_batches(tmp_path: Path) -> None:
+    """Unsorted data, 2 files of 1,000 small row groups each (2,000 batches) × 50 partitions: each
+    partition lists its 2 files once, and planning's Python memory stays small (a file entry per
+    partition and batch took about 0.7 MB here)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for f in range(2):
+        n = 100_000
+        pq.write_table(pa.table({"k": rng.integers(0, 50, n), "x": rng.normal(size=n)}),
+                       folder / f"part-{f}.parquet", row_group_size=100)
+    source = open_source(str(folder))
+    tracemalloc.start()
+    try:
+        plan = plan_partitions(source, ["k"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(plan.partitions) == 50 and plan.total_rows == 200_000
+    assert all(p.files == (0, 1) for p in plan.partitions)
+    assert peak < 350_000, peak

@@ -8,6 +8,7 @@ categoricals), and the output is read back with pyarrow, DuckDB and polars.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import importlib.util
 import json
@@ -35,7 +36,7 @@ from manymodels import Registry, RunSummary
 from manymodels.cli import app
 from manymodels.fallback import global_champion
 from manymodels.score import ScoreSummary, _exchange, score
-from manymodels.spec import JobSpec
+from manymodels.spec import FrozenMap, JobSpec
 from manymodels.synth import make_transit, score_frame, write_transit
 
 pytestmark = pytest.mark.ray
@@ -747,3 +748,142 @@ def test_prepare_that_sorts_rows_keeps_each_prediction_on_its_row(ray_session: N
         expected = pd.Series(booster.predict(X), index=prepared["trip_id"].to_numpy())
         mine = got.loc[part["trip_id"].to_numpy()]
         np.testing.assert_allclose(mine.to_numpy(), expected.loc[mine.index].to_numpy(), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- key types (issue 8, item 6)
+
+DIGIT_IDS = {"stn-00000": "007", "stn-00001": "7", "stn-00002": "00042"}
+
+
+def _digit_ids(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(station=df["station"].map(DIGIT_IDS))
+
+
+@pytest.fixture(scope="module")
+def digit_keys(ray_session: None, make_spec: Any, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[JobSpec, RunSummary, Path]:
+    """3 stations named ``007``, ``7`` and ``00042``, trained from Hive folders."""
+    base = tmp_path_factory.mktemp("digit-keys")
+    write_transit(_digit_ids(make_transit(3, HIST)), str(base / "hive"), layout="hive")
+    assert (base / "hive" / "station=007").is_dir() and (base / "hive" / "station=7").is_dir()
+    spec = make_spec(base / "hive", base / "registry")
+    return spec, manymodels.train(spec), base
+
+
+def test_hive_digit_keys_stay_text_and_score_from_a_flat_file(
+        digit_keys: tuple[JobSpec, RunSummary, Path]) -> None:
+    """``007`` and ``7`` are two partitions (not both the integer 7), and a flat file whose ids are
+    strings finds each one's champion."""
+    spec, t, base = digit_keys
+    assert (t.total, t.trained, t.failed) == (3, 3, 0), t.failures
+    champions = Registry(spec.output.registry).list(JOB)
+    assert sorted(m.partition["station"] for m in champions) == ["00042", "007", "7"]
+    flat = _write_flat(_digit_ids(score_frame(3, AHEAD, after_hours=HIST)), base / "flat" / "rows.parquet")
+    out = base / "scores-flat"
+    s = score(spec, data=str(flat), output=str(out))
+    _scored(s, 3 * AHEAD, 3)
+    table = _read(out)
+    assert table.schema.field("station").type == pa.string()
+    assert Counter(table.column("station").to_pylist()) == {"007": AHEAD, "7": AHEAD, "00042": AHEAD}
+
+
+def test_text_keys_with_leading_zeros_scored_from_integers_is_an_error(
+        digit_keys: tuple[JobSpec, RunSummary, Path]) -> None:
+    """Integer ids cannot tell "007" from "7": a clear exit-2 error naming the column, both types
+    and the fix, before anything is written."""
+    spec, _, base = digit_keys
+    rows = _digit_ids(score_frame(3, AHEAD, after_hours=HIST))
+    ints = _write_flat(rows.assign(station=rows["station"].astype(int)), base / "ints" / "rows.parquet")
+    out = base / "scores-ints"
+    runs_before = len(Registry(spec.output.registry).runs(JOB))
+    with pytest.raises(manymodels.InputError) as info:
+        score(spec, data=str(ints), output=str(out))
+    message = str(info.value)
+    for part in ("'station'", "number (int64)", "text in the registry", "same text as in training"):
+        assert part in message, message
+    assert "'007'" in message or "'00042'" in message, message  # a value integers cannot give back
+    assert not out.exists()
+    assert len(Registry(spec.output.registry).runs(JOB)) == runs_before
+
+
+@pytest.fixture(scope="module")
+def int_keys(ray_session: None, make_spec: Any, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[JobSpec, Path]:
+    """3 stations with integer ids 1, 2, 3 in a flat file (the registry holds numbers)."""
+    base = tmp_path_factory.mktemp("int-keys")
+    ids = {"stn-00000": 1, "stn-00001": 2, "stn-00002": 3}
+    hist = make_transit(3, HIST)
+    flat = _write_flat(hist.assign(station=hist["station"].map(ids)), base / "hist.parquet")
+    spec = make_spec(flat, base / "registry")
+    t = manymodels.train(spec)
+    assert (t.trained, t.failed) == (3, 0), t.failures
+    assert {type(m.partition["station"]) for m in Registry(spec.output.registry).list(JOB)} == {int}
+    return spec, base
+
+
+@pytest.mark.parametrize("layout", ["hive", "flat"])
+def test_integer_trained_keys_scored_from_text(int_keys: tuple[JobSpec, Path], layout: str) -> None:
+    """Digit strings without leading zeros are exactly the integers: normalised, every row scored,
+    the output keeps the scoring data's type."""
+    spec, base = int_keys
+    rows = score_frame(3, AHEAD, after_hours=HIST)
+    rows = rows.assign(station=rows["station"].map({"stn-00000": "1", "stn-00001": "2", "stn-00002": "3"}))
+    data = base / f"text-{layout}"
+    if layout == "hive":
+        write_transit(rows, str(data), layout="hive")
+    else:
+        _write_flat(rows, data / "rows.parquet")
+    out = base / f"scores-{layout}"
+    s = score(spec, data=str(data), output=str(out))
+    _scored(s, 3 * AHEAD, 3)
+    assert Counter(_read(out).column("station").to_pylist()) == {"1": AHEAD, "2": AHEAD, "3": AHEAD}
+
+
+def test_integer_trained_keys_scored_from_zero_padded_folders_exits_2(int_keys: tuple[JobSpec, Path]
+                                                                      ) -> None:
+    spec, base = int_keys
+    rows = score_frame(3, AHEAD, after_hours=HIST)
+    rows = rows.assign(station=rows["station"].map({"stn-00000": "01", "stn-00001": "02", "stn-00002": "3"}))
+    write_transit(rows, str(base / "padded"), layout="hive")
+    job = base / "job.toml"
+    job.write_text(f'[job]\nname = "{JOB}"\n[data]\nsource = "{base / "padded"}"\n'
+                   f'partition_by = ["station"]\ntarget = "delay_min"\n'
+                   f'[output]\nregistry = "{spec.output.registry}"\nscores = "{base / "scores-padded"}"\n')
+    result = runner.invoke(app, ["score", "--job", str(job), "--json"])
+    assert result.exit_code == 2, (result.stdout, result.exception)
+    err = result.stderr
+    assert "'station'" in err and "text (string)" in err and "number in the registry" in err, err
+    assert "'01'" in err and 'key_types = { station = "int64" }' in err, err
+    assert len(err.strip().splitlines()) == 1 and result.stdout == ""
+    assert not (base / "scores-padded").exists()
+    with_types = dataclasses.replace(spec, data=dataclasses.replace(
+        spec.data, source=str(base / "padded"), key_types=FrozenMap({"station": "int64"})))
+    s = score(with_types, output=str(base / "scores-typed"))  # the fix the message names
+    _scored(s, 3 * AHEAD, 3)
+
+
+def test_normalised_keys_rules() -> None:
+    """Exact conversions only: canonical digit strings ↔ integers; anything else names the column."""
+    from types import SimpleNamespace
+
+    from manymodels.data import InputError
+    from manymodels.score import _normalised_keys
+
+    def parts(*keys: tuple[Any, ...]) -> list[Any]:
+        return [SimpleNamespace(key=k) for k in keys]
+
+    ints = pa.array(['{"s":1,"d":"a"}', '{"s":2,"d":"a"}', '{"s":null,"d":"b"}'])
+    names, types = ["s", "d"], [pa.string(), pa.string()]
+    assert _normalised_keys("j", "u", names, types, parts(("1", "a"), (None, "b")), ints) == [(1, "a"),
+                                                                                             (None, "b")]
+    assert _normalised_keys("j", "u", names, [pa.int64(), pa.string()], parts((1, "a")), ints) is None
+    with pytest.raises(InputError, match=r"'s' is text \(string\) in 'u' but number .*'01'.*key_types"):
+        _normalised_keys("j", "u", names, types, parts(("01", "a")), ints)
+    with pytest.raises(InputError, match=r"'s' is text \(date32\[day\]\)"):
+        _normalised_keys("j", "u", names, [pa.date32(), pa.string()], parts((dt.date(2026, 1, 1), "a")), ints)
+    texts = pa.array(['{"s":"7"}', '{"s":"12"}'])
+    assert _normalised_keys("j", "u", ["s"], [pa.int32()], parts((7,), (12,)), texts) == [("7",), ("12",)]
+    with pytest.raises(InputError, match=r"'s' is number \(double\).*1\.5"):
+        _normalised_keys("j", "u", ["s"], [pa.float64()], parts((1.5,),), texts)
+    with pytest.raises(InputError, match=r"'s' is bool \(bool\) in 'u' but text"):
+        _normalised_keys("j", "u", ["s"], [pa.bool_()], parts((True,),), texts)

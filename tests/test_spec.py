@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from manymodels.spec import (
+    HASH_EXCLUDED,
     DataSpec,
     FrozenMap,
     JobSpec,
     ModelSpec,
+    ResourceOverride,
     SpecError,
     load_spec,
     spec_hash,
@@ -389,7 +393,6 @@ def test_spec_hash_stable(example: Path) -> None:
 
 @pytest.mark.parametrize(("old", "new"), [
     ("num_cpus = 1", "num_cpus = 8"),
-    ("num_gpus = 0", "num_gpus = 1"),
     ("memory_mb = 0", "memory_mb = 4096"),
     ("cpu_hour_usd = 0.048", "cpu_hour_usd = 0.5"),
     ("gpu_hour_usd = 2.50", "gpu_hour_usd = 9.0"),
@@ -398,7 +401,6 @@ def test_spec_hash_stable(example: Path) -> None:
     ("max_failure_fraction = 0.05", "max_failure_fraction = 0.5"),
     ("max_retries = 2", "max_retries = 0"),
     ('source = "partitions/transit"', 'source = "s3://bucket/transit"'),
-    ('passthrough = ["trip_id"]', "passthrough = []"),
 ])
 def test_spec_hash_ignores_where_and_how_fast(tmp_path: Path, example: Path, old: str, new: str) -> None:
     text = example.read_text()
@@ -419,6 +421,8 @@ def test_spec_hash_ignores_where_and_how_fast(tmp_path: Path, example: Path, old
     ('time_column = "ts"', 'time_column = "event_time"'),
     ("holdout_fraction = 0.2", "holdout_fraction = 0.3"),
     ("max_metric = 15.0", "max_metric = 10.0"),
+    ('passthrough = ["trip_id"]', "passthrough = []"),  # passthrough columns are never features
+    ("num_gpus = 0", "num_gpus = 1"),  # model.device = "auto": the GPU device, another model
 ])
 def test_spec_hash_changes_with_the_model(tmp_path: Path, example: Path, old: str, new: str) -> None:
     text = example.read_text()
@@ -443,3 +447,132 @@ def test_spec_hash_param_order_irrelevant(tmp_path: Path, example: Path) -> None
     assert text.count(old) == 1
     changed = write(tmp_path, text.replace(old, new), name="changed.toml")
     assert spec_hash(load_spec(changed)) == spec_hash(load_spec(example))
+
+
+# Per spec key: a value other than the contract example's. Every key of every section is listed,
+# so a key added to the spec must be classified (hashed or in HASH_EXCLUDED) before this passes.
+OTHER_VALUES: dict[str, Any] = {
+    "job.name": "other-job",
+    "data.source": "s3://bucket/elsewhere",
+    "data.partition_by": ("line",),
+    "data.target": "late_min",
+    "data.features": ("temp_c",),
+    "data.exclude": ("temp_c",),
+    "data.time_column": "event_time",
+    "data.categorical": ("line",),
+    "data.format": "parquet",
+    "data.key_types": FrozenMap({"station": "int64"}),
+    "pipeline.prepare": "other.py:make_features",
+    "model.objective": "poisson",
+    "model.params": FrozenMap({"num_leaves": 7}),
+    "model.device": "gpu",
+    "model.gpu_fallback": "cpu",
+    "validation.holdout_fraction": 0.3,
+    "validation.metric": "rmse",
+    "validation.max_metric": 3.0,
+    "validation.min_metric": 0.5,
+    "validation.min_rows": 99,
+    "validation.seed": 7,
+    "resources.num_cpus": 8.0,
+    "resources.num_gpus": 0.5,  # with model.device = "cpu" below: no other device
+    "resources.memory_mb": 4096,
+    "resources.override": (ResourceOverride(match=FrozenMap({"station": "a"}), num_cpus=4.0),),
+    "cost.cpu_hour_usd": 1.0,
+    "cost.gpu_hour_usd": 9.0,
+    "cost.memory_gb_hour_usd": 0.1,
+    "cost.max_usd": 5.0,
+    "score.passthrough": ("trip_id", "line"),
+    "score.fallback": "global",
+    "output.registry": "s3://b/registry",
+    "output.scores": "gs://b/scores",
+    "run.max_failure_fraction": 0.5,
+    "run.max_retries": 0,
+    "run.timeout_s": 60.0,
+}
+EXCLUDED_KEYS = {"job.name", "data.source", "data.format", "model.gpu_fallback", "score.fallback"} | {
+    k for k in OTHER_VALUES if k.split(".")[0] in ("resources", "cost", "output", "run")}
+
+
+def every_spec_key() -> list[str]:
+    hints = typing.get_type_hints(JobSpec)
+    sections = [f.name for f in dataclasses.fields(JobSpec) if f.name not in ("path", "prepare_source")]
+    return [f"{name}.{f.name}" for name in sections for f in dataclasses.fields(hints[name])]
+
+
+def with_key(spec: JobSpec, dotted: str, value: Any) -> JobSpec:
+    section, key = dotted.split(".")
+    return dataclasses.replace(spec, **{section: dataclasses.replace(getattr(spec, section), **{key: value})})
+
+
+def test_every_spec_key_is_classified() -> None:
+    assert sorted(OTHER_VALUES) == sorted(every_spec_key())
+    excluded = {k for k in OTHER_VALUES if k in HASH_EXCLUDED or k.split(".")[0] in HASH_EXCLUDED}
+    assert excluded == EXCLUDED_KEYS
+
+
+@pytest.mark.parametrize("key", sorted(set(OTHER_VALUES) - EXCLUDED_KEYS))
+def test_spec_hash_changes_with_every_training_key(example: Path, key: str) -> None:
+    base = with_key(load_spec(example), "model.device", "cpu")
+    changed = with_key(base, key, OTHER_VALUES[key])
+    assert changed != base
+    assert spec_hash(changed) != spec_hash(base), key
+
+
+@pytest.mark.parametrize("key", sorted(EXCLUDED_KEYS))
+def test_spec_hash_ignores_every_other_key(example: Path, key: str) -> None:
+    base = with_key(load_spec(example), "model.device", "cpu")
+    changed = with_key(base, key, OTHER_VALUES[key])
+    assert changed != base
+    assert spec_hash(changed) == spec_hash(base), key
+
+
+def test_spec_hash_follows_the_device_auto_resolves_to(example: Path) -> None:
+    """``model.device = "auto"`` trains on the GPU when the task reserves one: another model. The
+    amounts themselves are not hashed, nor GPUs reserved for a CPU device."""
+    auto = load_spec(example)
+    assert auto.model.device == "auto"
+    gpu = with_key(auto, "resources.num_gpus", 1.0)
+    assert spec_hash(gpu) != spec_hash(auto)
+    assert spec_hash(with_key(auto, "resources.num_gpus", 2.0)) == spec_hash(gpu)
+    assert spec_hash(gpu) == spec_hash(with_key(auto, "model.device", "gpu"))
+    one = with_key(auto, "resources.override",
+                   (ResourceOverride(match=FrozenMap({"station": "a"}), num_gpus=1.0),))
+    assert spec_hash(one) != spec_hash(auto)  # that partition trains on the GPU
+    cpu = with_key(auto, "model.device", "cpu")
+    assert spec_hash(with_key(cpu, "resources.num_gpus", 1.0)) == spec_hash(cpu)
+
+
+def test_key_types_validated(tmp_path: Path) -> None:
+    ok = write(tmp_path, MINIMAL + 'key_types = { station = "int64" }\n')
+    assert dict(load_spec(ok).data.key_types) == {"station": "int64"}
+    assert load_spec(write(tmp_path, MINIMAL, name="plain.toml")).data.key_types == {}
+    message = spec_error(tmp_path, MINIMAL + 'key_types = { station = "integer" }\n')
+    assert "data.key_types.station" in message and "int64" in message and "job.toml" in message
+    assert "data.key_types.station" in spec_error(tmp_path, MINIMAL + "key_types = { station = 5 }\n")
+    assert "data.key_types" in spec_error(tmp_path, MINIMAL + 'key_types = "int64"\n')
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_adding_a_passthrough_column_retrains_without_it(make_spec: Any, tmp_path: Path) -> None:
+    """Issue 8 item 4: a new passthrough column is no longer a feature, so every partition is
+    retrained (not skipped as "unchanged") and the new models leave it out."""
+    import manymodels
+    from manymodels import Registry
+    from manymodels.synth import make_transit, write_transit
+
+    data = tmp_path / "data"
+    write_transit(make_transit(3, 24 * 7), str(data), layout="hive")
+    first = make_spec(data, tmp_path / "registry")
+    t1 = manymodels.train(first)
+    assert (t1.trained, t1.failed) == (3, 0), t1.failures
+    reg = Registry(first.output.registry)
+    assert all("temp_c" in m.features for m in reg.list(first.name))
+    again = manymodels.train(first)
+    assert (again.trained, again.skipped) == (0, 3)  # unchanged data and spec: skipped
+    second = make_spec(data, tmp_path / "registry", score={"passthrough": ["trip_id", "temp_c"]})
+    t2 = manymodels.train(second)
+    assert (t2.trained, t2.skipped, t2.failed) == (3, 0, 0), t2.failures
+    latest = {m.partition["station"]: m for m in reg.list(first.name, all_versions=True) if m.version == 2}
+    assert len(latest) == 3
+    assert all("temp_c" not in m.features and m.run_id == t2.run_id for m in latest.values())
