@@ -487,7 +487,8 @@ HASH_EXCLUDED = frozenset({
     "model.gpu_fallback",  # what to do when no GPU build exists (the device actually used is recorded)
     "resources",  # amounts only: the device they imply for ``model.device = "auto"`` is hashed
     "cost", "output", "run",
-    "score.fallback",  # the global model is trained and versioned on its own
+    # the global model is trained and versioned on its own (its sample caps are in its own hash)
+    "score.fallback", "score.fallback_rows_per_partition", "score.fallback_max_rows",
 })
 
 

@@ -483,13 +483,16 @@ OTHER_VALUES: dict[str, Any] = {
     "cost.max_usd": 5.0,
     "score.passthrough": ("trip_id", "line"),
     "score.fallback": "global",
+    "score.fallback_rows_per_partition": 50,
+    "score.fallback_max_rows": 5000,
     "output.registry": "s3://b/registry",
     "output.scores": "gs://b/scores",
     "run.max_failure_fraction": 0.5,
     "run.max_retries": 0,
     "run.timeout_s": 60.0,
 }
-EXCLUDED_KEYS = {"job.name", "data.source", "data.format", "model.gpu_fallback", "score.fallback"} | {
+EXCLUDED_KEYS = {"job.name", "data.source", "data.format", "model.gpu_fallback", "score.fallback",
+                 "score.fallback_rows_per_partition", "score.fallback_max_rows"} | {
     k for k in OTHER_VALUES if k.split(".")[0] in ("resources", "cost", "output", "run")}
 
 
