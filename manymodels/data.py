@@ -61,6 +61,8 @@ class Source:
         base_dir: the folder Hive partition fields are parsed relative to.
         hive_fields: the Hive partition fields (name and type), in folder order.
         schema: the dataset's full schema (file columns plus Hive fields).
+        csv_types: CSV columns read with a given type instead of one inferred from their values
+            (partition keys are text there too: ``007`` stays ``"007"``).
     """
 
     url: str
@@ -69,6 +71,7 @@ class Source:
     base_dir: str
     hive_fields: tuple[tuple[str, str], ...]
     schema: pa.Schema
+    csv_types: tuple[tuple[str, str], ...] = ()
 
     def dataset(self, files: Sequence[str] | None = None) -> ds.Dataset:
         """Open the dataset (or only ``files`` of it) with the planned schema."""
@@ -78,7 +81,7 @@ class Source:
             fields = [pa.field(n, self.schema.field(n).type) for n, _ in self.hive_fields]
             partitioning = ds.partitioning(pa.schema(fields), flavor="hive")
         return ds.dataset(list(files if files is not None else self.files), filesystem=fs,
-                          format=_file_format(self.format), partitioning=partitioning,
+                          format=_file_format(self.format, self.csv_types), partitioning=partitioning,
                           partition_base_dir=self.base_dir, schema=self.schema)
 
 
@@ -105,11 +108,12 @@ class Plan:
     total_rows: int = field(default=0)
 
 
-def _file_format(fmt: str) -> ds.FileFormat:
+def _file_format(fmt: str, csv_types: Sequence[tuple[str, str]] = ()) -> ds.FileFormat:
     if fmt == "csv":
         # Ragged rows are an error (the default); empty strings in numeric columns read as null.
         # pyarrow.csv is imported at module level: workers never run open_source.
-        return ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        return ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(
+            strings_can_be_null=True, column_types={n: pa.type_for_alias(t) for n, t in csv_types}))
     return ds.ParquetFileFormat()
 
 
@@ -121,12 +125,15 @@ def _guess_format(path: str, files: Sequence[str]) -> str:
     return "parquet"
 
 
-def open_source(url: str, fmt: str = "auto", key_types: Mapping[str, str] | None = None) -> Source:
+def open_source(url: str, fmt: str = "auto", key_types: Mapping[str, str] | None = None,
+                text_columns: Sequence[str] = ()) -> Source:
     """Open a dataset at ``url`` and describe it.
 
     Hive folder values (``key=value/``) are read as text, so ``store=00042`` stays ``"00042"`` and
     ``007`` and ``7`` stay two partitions, unless ``key_types`` (the spec's ``data.key_types``) names
-    another Arrow type for that field. Columns stored in the files keep their stored type.
+    another Arrow type for that field. Columns stored in Parquet files keep their stored type; CSV
+    has none, so its ``text_columns`` (the partition keys) are read as text too, unless
+    ``key_types`` names one.
 
     Raises:
         InputError: the URL does not exist, holds no data files, a file cannot be read, or
@@ -154,12 +161,14 @@ def open_source(url: str, fmt: str = "auto", key_types: Mapping[str, str] | None
     base = path if fs.isdir(path) else path.rsplit("/", 1)[0]
     types = dict(key_types or {})
     hive_names = _hive_names(data_files, base)
+    csv_types = tuple((n, types.get(n, "string")) for n in dict.fromkeys([*text_columns, *types])
+                      if n not in hive_names) if fmt == "csv" else ()
     # An explicit Hive schema: pyarrow's inference would turn "00042" into 42 and merge "007" with "7".
     partitioning = ds.partitioning(pa.schema(
         [pa.field(n, pa.type_for_alias(types.get(n, "string"))) for n in hive_names]),
         flavor="hive") if hive_names else None
     try:
-        dataset = ds.dataset(data_files, filesystem=fs, format=_file_format(fmt),
+        dataset = ds.dataset(data_files, filesystem=fs, format=_file_format(fmt, csv_types),
                              partitioning=partitioning, partition_base_dir=base)
         schema = dataset.schema
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
@@ -170,7 +179,7 @@ def open_source(url: str, fmt: str = "auto", key_types: Mapping[str, str] | None
                              f"(Hive folder fields: {', '.join(hive_names) or 'none'})")
     hive = tuple((n, str(schema.field(n).type)) for n in hive_names if n in schema.names)
     return Source(url=url, format=fmt, files=tuple(sorted(data_files)), base_dir=base,
-                  hive_fields=hive, schema=schema)
+                  hive_fields=hive, schema=schema, csv_types=csv_types)
 
 
 def _hive_names(files: Sequence[str], base: str) -> list[str]:

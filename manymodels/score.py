@@ -478,7 +478,8 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     if run_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]*[A-Za-z][A-Za-z0-9_-]*", run_id):
         raise SpecError(f"--run-id {run_id!r} must be letters, digits, '-' and '_', with at least one letter")
     check_prepare(spec)
-    source = open_source(spec.data.source, spec.data.format, spec.data.key_types)
+    source = open_source(spec.data.source, spec.data.format, spec.data.key_types,
+                         spec.data.partition_by)
     d = spec.data
     check_columns(source, {"partition_by": d.partition_by, "score.passthrough": spec.score.passthrough})
     plan = plan_partitions(source, d.partition_by, parse_only(only, d.partition_by))

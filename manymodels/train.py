@@ -395,7 +395,8 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     if limit is not None and limit < 1:
         raise SpecError(f"--limit must be at least 1, got {limit}")
     check_prepare(spec)
-    source = open_source(spec.data.source, spec.data.format, spec.data.key_types)
+    source = open_source(spec.data.source, spec.data.format, spec.data.key_types,
+                         spec.data.partition_by)
     _check_inputs(spec, source)
     plan = plan_partitions(source, spec.data.partition_by, parse_only(only, spec.data.partition_by))
     if limit is not None:

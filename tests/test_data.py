@@ -286,6 +286,20 @@ def test_csv_directory_and_empty_key(tmp_path: Path) -> None:
     assert next(p for p in plan.partitions if p.key == ("x",)).files == (0, 1)
 
 
+def test_csv_keys_stay_text(tmp_path: Path) -> None:
+    # CSV has no types: "007" and "7" inferred as integers would be one partition 7.
+    path = tmp_path / "ids.csv"
+    path.write_text("store,x,y\n007,1,1.0\n7,2,2.0\n00042,3,3.0\n7,4,4.0\n")
+    source = open_source(str(path), text_columns=["store"])
+    assert source.schema.field("store").type == pa.string()
+    plan = plan_partitions(source, ["store"])
+    assert plan_counts(plan) == {("007",): 1, ("7",): 2, ("00042",): 1}
+    frame, spans, _ = read_partitions(source, ["store"], [("007",), ("7",)], [0])
+    assert sorted(spans) == [("007",), ("7",)] and frame["store"].tolist().count("7") == 2
+    typed = open_source(str(path), key_types={"store": "int64"}, text_columns=["store"])
+    assert plan_counts(plan_partitions(typed, ["store"])) == {(7,): 3, (42,): 1}
+
+
 def test_csv_ragged_rows(tmp_path: Path) -> None:
     path = tmp_path / "ragged.csv"
     path.write_text("k,y\na,1\nb,2,3\na,4\n")
