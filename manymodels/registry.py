@@ -1,18 +1,27 @@
-"""The model registry: versioned models per partition, an index, and run records, on any fsspec URL.
+"""The model registry: versioned models per partition, an ordered commit log, and run records, on any
+fsspec URL.
 
 Layout under ``<registry>/<job>/``::
 
-    models/<partition id>/<run id>.txt     LightGBM text models, written by the workers
-    index/seg-<seq>-<run id>.parquet       the index: append-only segments of version events
-    runs/<run id>/run.json                 a run's summary (train or score)
-    runs/<run id>/partitions.parquet       one row per partition of that run
+    models/<partition id>/<run id>.txt         LightGBM text models, written by the workers
+    log/<N:020d>.parquet                       commit N (N = 1, 2, ...): version events, in order
+    log/<N:020d>.checkpoint.live.parquet       the state after commit N: each partition's champion
+                                               and latest version (what planning and serving read)
+    log/<N:020d>.checkpoint.all.parquet        the state after commit N: every version's current row
+    runs/<run id>/run.json                     a run's summary (train or score)
+    runs/<run id>/partitions.parquet           one row per partition of that run
 
 A partition id is a short slug of the key values plus a hash of their exact typed values: never a
-raw value as a path part. The index is the only thing readers trust: a model file becomes visible
-only when a segment naming it is committed, after the model was written. Versions are assigned at
-commit time under a lock, so concurrent runs never hand out the same version twice. Each index row
-is an event (a new version, or a status change of one); the latest event per (partition, version)
-wins, and the segments are compacted into one at the end of every run.
+raw value as a path part. The log is the only thing readers trust: a model file becomes visible only
+when a commit naming it exists, and the model was written before. The log works like a table
+format's (Delta Lake's): a writer reads the state, computes its events (the next version number of a
+partition is its highest + 1) and creates commit N+1 *only if absent* (an exclusive create, atomic on
+local disks, S3, GCS and Azure); if another writer got N+1 first it reads the new commits and
+computes again. No lock, no clock: events are ordered by (commit number, row), and the latest event
+per (partition, version) wins. Checkpoints summarise the log every few commits (and at the end of
+every train run), so a reader reads one checkpoint and the few commits after it; a checkpoint is a
+pure function of the commits up to its number, so writing it twice or leaving older files behind
+never shows anything twice.
 """
 
 from __future__ import annotations
@@ -21,23 +30,29 @@ import builtins
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
+import logging
+import math
+import random
 import re
 import time
 import unicodedata
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from manymodels.storage import Store, process_gone
+from manymodels.storage import StorageError, Store, process_gone
 
 __all__ = [
+    "GLOBAL_PID",
+    "GcReport",
     "ModelVersion",
     "NewVersion",
     "Registry",
@@ -48,6 +63,22 @@ __all__ = [
 ]
 
 STATUSES = ("champion", "archived", "rejected")
+REMOVED = "removed"  # a version deleted by gc: a tombstone event, never listed
+
+GLOBAL_PID = "__global__"
+"""The pseudo-partition id under which a job's global fallback model is versioned (partition ``{}``).
+Never a real partition's id (those are ``<slug>-<hash>``); ``list()`` hides it unless asked."""
+
+LOG = "log"
+SEQ_STRIDE = 1_000_000_000  # seq = commit number * SEQ_STRIDE + row within the commit
+CHECKPOINT_EVERY = 10  # commits between checkpoints
+COMMIT_TRIES = 50
+SCORE_PROTECT_DAYS = 7
+
+_COMMIT = re.compile(r"(\d{20})\.parquet")
+_CHECKPOINT = re.compile(r"(\d{20})\.checkpoint\.(live|all)\.parquet")
+
+log = logging.getLogger(__name__)
 
 INDEX_SCHEMA = pa.schema([
     ("pid", pa.string()), ("partition", pa.string()), ("version", pa.int64()), ("status", pa.string()),
@@ -55,7 +86,8 @@ INDEX_SCHEMA = pa.schema([
     ("metric", pa.string()), ("metric_value", pa.float64()), ("metrics", pa.string()),
     ("fingerprint", pa.string()), ("spec_hash", pa.string()), ("model_key", pa.string()),
     ("features", pa.string()), ("time_min", pa.string()), ("time_max", pa.string()),
-    ("previous_version", pa.int64()), ("reason", pa.string()), ("seq", pa.int64()),
+    ("previous_version", pa.int64()), ("reason", pa.string()), ("comparison", pa.string()),
+    ("seq", pa.int64()),
 ])
 
 
@@ -108,9 +140,12 @@ def partition_id(names: Sequence[str], key: Sequence[Any]) -> str:
 
     The slug (at most 40 characters of ``[a-z0-9_.-]``, never ``.`` or ``..``) is for humans; the
     hash of the typed values makes the id unique. No key value ever reaches a path unescaped.
+    The hashed text is JSON (``[[name, typed value], ...]``, every character escaped), so no name or
+    value can forge a separator and collide with another key.
     """
-    raw = "\x1f".join(f"{n}\x1e{_typed(v)}" for n, v in zip(names, key, strict=True))
-    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    raw = json.dumps([[n, _typed(v)] for n, v in zip(names, key, strict=True)], ensure_ascii=True,
+                     separators=(",", ":"))
+    digest = hashlib.sha256(raw.encode("ascii")).hexdigest()[:20]
     text = "_".join("null" if v is None else str(v) for v in key)
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     slug = re.sub(r"[^a-z0-9_.-]+", "-", text).strip("-.")[:40].strip("-.")
@@ -137,6 +172,7 @@ class NewVersion:
     time_max: str | None
     promote: bool
     reason: str
+    comparison: str = ""  # what the champion comparison compared (filled by the pipeline)
 
 
 @dataclass(frozen=True)
@@ -163,9 +199,35 @@ class ModelVersion:
     previous_version: int | None
     reason: str
     environment: dict[str, str] | None = None  # the training run's; filled by get()
+    comparison: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data (the contract's ``models list/show --json`` entries)."""
+        """Plain JSON-ready data (the contract's ``models list/show --json`` entries): a metric that
+        is NaN or infinite (a rejected version's) becomes ``null``, so strict JSON parsers read it."""
+        out = dataclasses.asdict(self)
+        out["metrics"] = {k: _finite(v) for k, v in self.metrics.items()}
+        out["metric_value"] = _finite(self.metric_value)
+        return out
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What ``Registry.gc`` removed (or, with ``dry_run``, would remove)."""
+
+    job: str
+    dry_run: bool
+    kept: int
+    removed: int
+    removed_versions: list[dict[str, Any]] = field(default_factory=list)  # the first 100
+    orphan_files_removed: int = 0
+    bytes_freed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``models gc --json`` object."""
         return dataclasses.asdict(self)
 
 
@@ -180,6 +242,55 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class _Listing:
+    """The files of a job's log at one moment: commit and checkpoint numbers → keys."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.commits: dict[int, str] = {}
+        self.checkpoints: dict[str, dict[int, str]] = {"live": {}, "all": {}}
+        for key in keys:
+            name = key.rsplit("/", 1)[-1]
+            if m := _COMMIT.fullmatch(name):
+                self.commits[int(m.group(1))] = key
+            elif m := _CHECKPOINT.fullmatch(name):
+                self.checkpoints[m.group(2)][int(m.group(1))] = key
+        self.head = max(self.commits, default=0)
+
+
+def _pid_filter(table: pa.Table, pids: Iterable[str]) -> pa.Array:
+    return pc.is_in(table.column("pid"), value_set=pa.array(builtins.list(pids), pa.string()))
+
+
+def _latest_per_pid(rows: pa.Table) -> pa.Table:
+    """Of resolved rows: each partition's champion and its highest version (no tombstones)."""
+    rows = rows.filter(pc.not_equal(rows.column("status"), REMOVED))
+    if rows.num_rows == 0:
+        return rows
+    top = rows.group_by("pid", use_threads=False).aggregate([("version", "max")])
+    keep = rows.join(top, keys="pid", join_type="left outer", use_threads=False)
+    mask = pc.or_(pc.equal(keep.column("status"), "champion"),
+                  pc.equal(keep.column("version"), keep.column("version_max")))
+    return keep.filter(mask).select(INDEX_SCHEMA.names)
+
+
+def _last_events(events: pa.Table) -> pa.Table:
+    """One row per (partition, version): its event of the highest ``seq`` (log order)."""
+    if events.num_rows == 0:
+        return events
+    last = events.group_by(["pid", "version"], use_threads=False).aggregate([("seq", "max")])
+    keyed = events.join(last, keys=["pid", "version", "seq"], right_keys=["pid", "version", "seq_max"],
+                        join_type="inner", use_threads=False)
+    return keyed.select(INDEX_SCHEMA.names)
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """A log table in today's schema (columns added since it was written read as null)."""
+    for f in INDEX_SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+
+
 class Registry:
     """A model registry rooted at an fsspec URL (local folder, ``s3://bucket/prefix``, ...).
 
@@ -189,10 +300,16 @@ class Registry:
         >>> booster = reg.load_model("transit-delays", {"station": "stn-00001"})
     """
 
+    # Called with (job, commit number) right before each put-if-absent of a commit: tests use it to
+    # hold two writers at a barrier so that they race for the same number. None in production.
+    before_create: ClassVar[Callable[[str, int], None] | None] = None
+
     def __init__(self, url: str) -> None:
         self.store = Store(url)
         self.url = self.store.url
-        self._segments: dict[str, dict[str, pa.Table]] = {}
+        self._files: dict[str, pa.Table | None] = {}  # log files never change once written
+        self._exclusive_checked = False
+        self._legacy_checked: set[str] = set()
 
     # ----------------------------------------------------------------- paths (pure)
     @staticmethod
@@ -205,48 +322,100 @@ class Registry:
         """Where a run record's files live."""
         return f"{job}/runs/{run_id}/{name}"
 
-    # ----------------------------------------------------------------- index reading
-    def _read_index(self, job: str) -> pa.Table:
-        """Every index event of ``job`` (cached per segment: segments never change once written)."""
-        cache = self._segments.setdefault(job, {})
-        for _attempt in range(5):
-            names = [k for k in self.store.list(f"{job}/index") if k.endswith(".parquet")]
-            try:
-                for name in names:
-                    if name not in cache:
-                        cache[name] = self.store.read_parquet(name).cast(INDEX_SCHEMA)
-            except FileNotFoundError:
-                continue  # compacted away between listing and reading: list again
-            for gone in set(cache) - set(names):
-                del cache[gone]
-            break
-        tables = [cache[n] for n in sorted(cache)]
-        return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+    @staticmethod
+    def commit_key(job: str, number: int) -> str:
+        """The object of commit ``number`` of a job's log."""
+        return f"{job}/{LOG}/{number:020d}.parquet"
 
-    def _resolved(self, job: str, pids: Iterable[str] | None = None) -> pa.Table:
-        """One row per (partition, version): its latest event (only of ``pids`` when given)."""
-        events = self._read_index(job)
-        segments = builtins.list(self._segments.get(job, {}))
-        if len(segments) == 1 and "-compact-" in segments[0] and pids is None:
-            return events  # a compacted index holds resolved rows only
-        if pids is not None:
-            events = events.filter(pc.is_in(events.column("pid"), value_set=pa.array(list(pids),
-                                                                                     pa.string())))
-        if events.num_rows == 0:
-            return events
-        events = events.append_column("__i", pa.array(np.arange(events.num_rows), pa.int64()))
-        last = events.group_by(["pid", "version"], use_threads=False).aggregate(
-            [("seq", "max")])
-        keyed = events.join(last, keys=["pid", "version", "seq"], right_keys=["pid", "version", "seq_max"],
-                            join_type="inner", use_threads=False)
-        # Equal seq values never happen for one (pid, version); keep the table in event order.
-        keyed = keyed.sort_by("__i")
-        return keyed.drop_columns(["__i"]).select(INDEX_SCHEMA.names)
+    @staticmethod
+    def checkpoint_key(job: str, number: int, kind: Literal["live", "all"]) -> str:
+        """The checkpoint of ``kind`` summarising commits 1..``number``."""
+        return f"{job}/{LOG}/{number:020d}.checkpoint.{kind}.parquet"
+
+    # ----------------------------------------------------------------- log reading
+    def _read_log_file(self, key: str) -> pa.Table | None:
+        """A commit or checkpoint table (cached); ``None`` (and a warning) when it cannot be read.
+
+        Raises:
+            FileNotFoundError: it was removed since it was listed (the caller lists again).
+        """
+        if key in self._files:
+            return self._files[key]
+        try:
+            data = self.store.read_bytes(key)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            log.warning("registry: cannot read %s, skipping it: %s", self.store.uri(key), exc)
+            return None  # not cached: a transient read error may pass
+        try:
+            table: pa.Table | None = _conform(pq.read_table(io.BytesIO(data)))
+        except (pa.ArrowException, ValueError, KeyError) as exc:
+            # A torn or foreign file: its number stays taken (writers go on at the next one), its
+            # events are lost, and every other commit still reads.
+            log.warning("registry: %s is unreadable, skipping it: %s", self.store.uri(key), exc)
+            table = None
+        self._files[key] = table
+        return table
+
+    def _view(self, job: str, kind: Literal["live", "all"]) -> tuple[pa.Table, int]:
+        """Resolved index rows of ``job`` and the last commit number they include.
+
+        ``live``: each partition's champion row and latest-version row. ``all``: every version's
+        current row. Read from the newest readable checkpoint of that kind and the commits after it.
+        """
+        for _attempt in range(10):
+            listing = _Listing(self.store.list(f"{job}/{LOG}"))
+            try:
+                base, base_n = None, 0
+                for n in sorted(listing.checkpoints[kind], reverse=True):
+                    if n > listing.head:
+                        continue  # a checkpoint is written after its commit: never ahead of the log
+                    base = self._read_log_file(listing.checkpoints[kind][n])
+                    if base is not None:
+                        base_n = n
+                        break
+                tail = [t for n in sorted(listing.commits) if n > base_n
+                        if (t := self._read_log_file(listing.commits[n])) is not None]
+            except FileNotFoundError:
+                continue  # cleaned up between listing and reading: list again
+            listed = {*listing.commits.values(), *(k for c in listing.checkpoints.values()
+                                                   for k in c.values())}
+            for gone in [k for k in self._files if k.startswith(f"{job}/{LOG}/") and k not in listed]:
+                del self._files[gone]  # cleaned up: keep the cache as small as the log
+            if not listing.commits and job not in self._legacy_checked and self._migrate_legacy(job):
+                continue
+            return self._apply(base, tail, kind), listing.head
+        raise StorageError(f"the registry log of {job!r} in {self.url} kept changing while it was read")
+
+    @staticmethod
+    def _apply(base: pa.Table | None, tail: Sequence[pa.Table], kind: Literal["live", "all"]) -> pa.Table:
+        """A checkpoint's rows with later commits applied: only partitions the commits touch are
+        resolved again, so the cost follows the commits, not the checkpoint's size."""
+        base = base if base is not None else INDEX_SCHEMA.empty_table()
+        if not tail:
+            return base
+        events = pa.concat_tables(tail)
+        touched = pc.unique(events.column("pid"))
+        in_base = _pid_filter(base, touched.to_pylist())
+        resolved = _last_events(pa.concat_tables([base.filter(in_base), events]))
+        if kind == "live":
+            resolved = _latest_per_pid(resolved)
+        else:
+            resolved = resolved.filter(pc.not_equal(resolved.column("status"), REMOVED))
+        return pa.concat_tables([base.filter(pc.invert(in_base)), resolved])
+
+    def _live(self, job: str) -> pa.Table:
+        return self._view(job, "live")[0]
 
     def table(self, job: str) -> pa.Table:
         """Every version of every partition of ``job`` as index rows (an Arrow table, one row per
         version, with its current status): the fast path for programs that filter in bulk."""
-        return self._resolved(job)
+        return self._view(job, "all")[0]
+
+    def has_index(self, job: str) -> bool:
+        """Whether ``job`` has a registry log (or an index of an older release)."""
+        return bool(self.store.list(f"{job}/{LOG}") or self.store.exists(f"{job}/index"))
 
     def _versions(self, job: str, rows: pa.Table) -> builtins.list[ModelVersion]:
         """ModelVersion objects from index rows: columns converted in Arrow, JSON decoded in bulk."""
@@ -258,6 +427,7 @@ class Registry:
         value = rows.column("metric_value")
         value = pc.if_else(pc.is_nan(value), pa.scalar(None, pa.float64()), value)
         reason = pc.fill_null(rows.column("reason"), "")
+        comparison = pc.fill_null(rows.column("comparison"), "")
 
         def col(name: str) -> builtins.list[Any]:
             return rows.column(name).to_pylist()  # type: ignore[no-any-return]
@@ -274,60 +444,96 @@ class Registry:
             col("run_id"), trained.to_pylist(), col("rows"), col("metric"), value.to_pylist(),
             bulk(col("metrics")), col("fingerprint"), col("spec_hash"),
             [prefix + k for k in col("model_key")], features, col("time_min"), col("time_max"),
-            col("previous_version"), reason.to_pylist()))
+            col("previous_version"), reason.to_pylist(), [None] * n, comparison.to_pylist()))
 
     def jobs(self) -> list[str]:
         """Names of the jobs this registry holds."""
-        return [k.rsplit("/", 1)[-1] for k in self.store.list("") if self.store.exists(f"{k}/index")
-                or self.store.exists(f"{k}/runs")]
+        return [k.rsplit("/", 1)[-1] for k in self.store.list("")
+                if any(self.store.exists(f"{k}/{d}") for d in (LOG, "runs", "index"))]
+
+    @staticmethod
+    def _matching(rows: pa.Table, partition: Mapping[str, Any]) -> pa.Table:
+        """Rows whose partition includes these ``{column: value}`` pairs, values compared as text.
+
+        The exact encoded key is looked up first (one Arrow comparison); only when nothing matches
+        that way (a partial key, values given as strings of another type) is every distinct
+        partition text decoded and compared.
+        """
+        if not partition or rows.num_rows == 0:
+            return rows
+        exact = json.dumps({k: _json_value(v) for k, v in partition.items()}, ensure_ascii=False,
+                           separators=(",", ":"))
+        hit = rows.filter(pc.equal(rows.column("partition"), exact))
+        if hit.num_rows:
+            return hit
+        want = {k: str(v) for k, v in partition.items()}
+        texts = [t for t in pc.unique(rows.column("partition")).to_pylist()
+                 if all(str(decode_partition(t).get(k)) == v for k, v in want.items())]
+        return rows.filter(pc.is_in(rows.column("partition"), value_set=pa.array(texts, pa.string())))
 
     def list(self, job: str, *, partition: Mapping[str, Any] | None = None,
-             all_versions: bool = False) -> builtins.list[ModelVersion]:
+             all_versions: bool = False, include_global: bool = False) -> builtins.list[ModelVersion]:
         """Champions of ``job`` (one per partition), or every version with ``all_versions``.
 
         Args:
             job: the job name.
             partition: only entries whose key includes these ``{column: value}`` pairs (values
                 compared as text, so ``--partition station=12`` matches an integer key 12).
-            all_versions: every version of every partition, rejected and archived ones too.
+            all_versions: every version of every partition, rejected and archived ones too
+                (read from the full history; champions alone read only the live state).
+            include_global: also the global fallback model's versions (:data:`GLOBAL_PID`).
 
         Returns:
             Entries sorted by partition, then version.
         """
-        rows = self._resolved(job)
-        if not all_versions and rows.num_rows:
+        if all_versions:
+            rows = self.table(job)
+        else:
+            rows = self._live(job)
             rows = rows.filter(pc.equal(rows.column("status"), "champion"))
+        if not include_global and rows.num_rows:
+            rows = rows.filter(pc.not_equal(rows.column("pid"), GLOBAL_PID))
+        rows = self._matching(rows, partition or {})
         if rows.num_rows:
             rows = rows.take(pc.sort_indices(rows, sort_keys=[("partition", "ascending"),
                                                               ("version", "ascending")]))
-        out = self._versions(job, rows)
-        if partition:
-            want = {k: str(v) for k, v in partition.items()}
-            out = [m for m in out if all(str(m.partition.get(k)) == v for k, v in want.items())]
-        return out
+        return self._versions(job, rows)
 
-    def get(self, job: str, partition: Mapping[str, Any], version: int | None = None) -> ModelVersion:
-        """One version of one partition (its champion when ``version`` is None).
-
-        Raises:
-            RegistryError: no such partition, version or champion.
-        """
-        matches = self.list(job, partition=partition, all_versions=True)
-        pids = {m.pid for m in matches}
-        if not matches:
+    def _find(self, job: str, partition: Mapping[str, Any], version: int | None) -> ModelVersion:
+        """One version of one partition, read from the live state (the history only for a version
+        that is neither the champion nor the latest)."""
+        live = self._live(job)
+        matches = self._matching(live, partition)
+        if partition == {} and live.num_rows:  # the global model's pseudo-partition "{}"
+            matches = live.filter(pc.equal(live.column("pid"), GLOBAL_PID))
+        pids = pc.unique(matches.column("pid")).to_pylist() if matches.num_rows else []
+        if not pids:
             raise RegistryError(f"job {job!r} has no partition {dict(partition)!r}")
         if len(pids) > 1:
             raise RegistryError(f"{dict(partition)!r} matches {len(pids)} partitions of {job!r}: name "
                                 "every partition_by column")
         if version is None:
-            champs = [m for m in matches if m.status == "champion"]
-            if not champs:
+            rows = matches.filter(pc.equal(matches.column("status"), "champion"))
+            if rows.num_rows == 0:
                 raise RegistryError(f"partition {dict(partition)!r} of {job!r} has no champion")
-            return self._with_environment(job, champs[0])
-        for m in matches:
-            if m.version == version:
-                return self._with_environment(job, m)
-        raise RegistryError(f"partition {dict(partition)!r} of {job!r} has no version {version}")
+        else:
+            rows = matches.filter(pc.equal(matches.column("version"), version))
+            if rows.num_rows == 0:
+                history = self.table(job)
+                rows = history.filter(pc.and_(pc.equal(history.column("pid"), pids[0]),
+                                              pc.equal(history.column("version"), version)))
+            if rows.num_rows == 0:
+                raise RegistryError(f"partition {dict(partition)!r} of {job!r} has no version {version}")
+        return self._versions(job, rows.slice(0, 1))[0]
+
+    def get(self, job: str, partition: Mapping[str, Any], version: int | None = None) -> ModelVersion:
+        """One version of one partition (its champion when ``version`` is None), with the training
+        run's environment.
+
+        Raises:
+            RegistryError: no such partition, version or champion.
+        """
+        return self._with_environment(job, self._find(job, partition, version))
 
     def _with_environment(self, job: str, mv: ModelVersion) -> ModelVersion:
         """The version with its training environment (Python and package versions) from its run."""
@@ -346,19 +552,23 @@ class Registry:
         """A ``lightgbm.Booster`` for a partition's champion (or a given version)."""
         import lightgbm as lgb
 
-        return lgb.Booster(model_str=self.load_model_text(self.get(job, partition, version)))
+        return lgb.Booster(model_str=self.load_model_text(self._find(job, partition, version)))
 
     def state(self, job: str, pids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
         """Per partition id: its champion's and latest version's index rows, for planning a run.
 
         Args:
             job: the job name.
-            pids: only these partitions (default: all).
+            pids: only these partitions (default: all, :data:`GLOBAL_PID` included).
 
         Returns:
             ``{pid: {"champion": row or None, "latest": row}}`` with index rows as dicts.
         """
-        rows = self._resolved(job, pids)
+        return self._state_of(self._live(job), pids)
+
+    @staticmethod
+    def _state_of(live: pa.Table, pids: Iterable[str] | None) -> dict[str, dict[str, Any]]:
+        rows = live if pids is None else live.filter(_pid_filter(live, pids))
         out: dict[str, dict[str, Any]] = {}
         if rows.num_rows == 0:
             return out
@@ -370,94 +580,302 @@ class Registry:
                 entry["champion"] = r
         return out
 
-    # ----------------------------------------------------------------- index writing
-    def _events_table(self, events: Sequence[Mapping[Any, Any]]) -> pa.Table:
+    # ----------------------------------------------------------------- log writing
+    def _events_table(self, events: Sequence[Mapping[Any, Any]], number: int) -> pa.Table:
         # Rows re-read through pandas carry NaN for nulls (e.g. time_min, previous_version); Arrow
         # only takes None there. Float columns keep their NaN as it was.
         nullable = {f.name for f in INDEX_SCHEMA if not pa.types.is_floating(f.type)}
-        clean = [{k: None if k in nullable and isinstance(v, float) and v != v else v
-                  for k, v in e.items()} for e in events]
+        clean = [{**{k: None if k in nullable and isinstance(v, float) and v != v else v
+                     for k, v in e.items()}, "seq": number * SEQ_STRIDE + i} for i, e in enumerate(events)]
         return pa.Table.from_pylist(clean, schema=INDEX_SCHEMA)
 
-    def _write_segment(self, job: str, run_id: str, events: Sequence[Mapping[Any, Any]]) -> None:
-        seq = time.time_ns()
-        name = f"{job}/index/seg-{seq:020d}-{run_id}-{uuid.uuid4().hex[:6]}.parquet"
-        self.store.write_parquet(name, self._events_table(events))
+    def _append(self, job: str, build: Callable[[pa.Table], builtins.list[dict[str, Any]]]) -> int:
+        """Add one commit to the log: ``build(live state)`` gives its events; on a lost race (another
+        writer created that commit number first) the state is read again and ``build`` runs again.
+
+        Returns:
+            The commit number, or 0 when ``build`` had nothing to write.
+
+        Raises:
+            StorageError: the store cannot create exclusively, or other writers won every try.
+        """
+        if not self._exclusive_checked:
+            self.store.check_exclusive()  # a store that would race is an error, not a silent loss
+            self._exclusive_checked = True
+        for attempt in range(COMMIT_TRIES):
+            live, head = self._view(job, "live")
+            events = build(live)
+            if not events:
+                return 0
+            number = head + 1
+            table = self._events_table(events, number)
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
+            key = self.commit_key(job, number)
+            hook = Registry.before_create
+            if hook is not None:
+                hook(job, number)
+            if self.store.create_exclusive(key, buf.getvalue()):
+                self._files[key] = table
+                if number % CHECKPOINT_EVERY == 0:
+                    self._checkpoint_quietly(job)
+                return number
+            # Lost the race for this number: back off a little (jittered) and compute again.
+            time.sleep(random.uniform(0, min(0.2, 0.005 * 2 ** min(attempt, 6))))
+        raise StorageError(f"cannot commit to the registry log of {job!r} in {self.url}: other writers "
+                           f"won {COMMIT_TRIES} times in a row")
 
     def commit(self, job: str, new: Iterable[NewVersion]) -> dict[str, int]:
         """Register new versions (their model files must already exist); returns pid → version.
 
-        Under the registry lock: version = the partition's highest version + 1; a promoted version
-        becomes champion and the previous champion is archived, else it is stored as rejected.
-        The index segment is written in one atomic put, so readers see all of it or nothing.
+        Version = the partition's highest version + 1, computed on the state the commit lands on; a
+        promoted version becomes champion and the previous champion is archived, else it is stored
+        as rejected. One commit is one object created put-if-absent: readers see all of it or none.
         """
-        new = list(new)
+        new = builtins.list(new)
         if not new:
             return {}
-        with self.store.lock(f"{job}/index.lock"):
-            state = self.state(job, {nv.pid for nv in new})
+        assigned: dict[str, int] = {}
+
+        def build(live: pa.Table) -> builtins.list[dict[str, Any]]:
+            state = self._state_of(live, {nv.pid for nv in new})
             events: builtins.list[dict[str, Any]] = []
-            assigned: dict[str, int] = {}
-            seq = time.time_ns()
+            assigned.clear()
             for nv in new:
                 prior = state.get(nv.pid)
                 version = (int(prior["latest"]["version"]) if prior else 0) + 1
                 champ = prior["champion"] if prior else None
                 if nv.promote and champ is not None:
-                    events.append({**champ, "status": "archived", "seq": seq})
-                    seq += 1
+                    events.append({**champ, "status": "archived"})
                 events.append({
                     "pid": nv.pid, "partition": nv.partition, "version": version,
                     "status": "champion" if nv.promote else "rejected", "run_id": nv.run_id,
                     "trained_at": nv.trained_at, "rows": nv.rows, "metric": nv.metric,
                     "metric_value": nv.metric_value, "metrics": json.dumps(dict(nv.metrics)),
                     "fingerprint": nv.fingerprint, "spec_hash": nv.spec_hash, "model_key": nv.model_key,
-                    "features": json.dumps(list(nv.features)), "time_min": nv.time_min,
+                    "features": json.dumps(builtins.list(nv.features)), "time_min": nv.time_min,
                     "time_max": nv.time_max,
                     "previous_version": int(champ["version"]) if champ is not None else None,
-                    "reason": nv.reason, "seq": seq})
-                seq += 1
+                    "reason": nv.reason, "comparison": nv.comparison})
                 assigned[nv.pid] = version
                 # the same partition twice in one batch: the next one follows this one
                 state[nv.pid] = {"champion": events[-1] if nv.promote else champ, "latest": events[-1]}
-            self._write_segment(job, new[0].run_id, events)
-        return assigned
+            return events
 
-    def _set_status(self, job: str, changes: Sequence[tuple[Mapping[Any, Any], str]], tag: str) -> None:
-        seq = time.time_ns()
-        events = [{**row, "status": status, "seq": seq + i} for i, (row, status) in enumerate(changes)]
-        self._write_segment(job, tag, events)
+        self._append(job, build)
+        return dict(assigned)
 
     def promote(self, job: str, partition: Mapping[str, Any], version: int) -> ModelVersion:
         """Make ``version`` the partition's champion (the current one is archived)."""
-        with self.store.lock(f"{job}/index.lock"):
-            target = self.get(job, partition, version)
-            rows = self._resolved(job, [target.pid]).to_pylist()
-            changes = [(r, "archived") for r in rows if r["status"] == "champion" and r["version"] != version]
-            changes += [(r, "champion") for r in rows if r["version"] == version]
-            self._set_status(job, changes, "promote")
+        target = self._find(job, partition, version)
+        history = self.table(job)
+        row = history.filter(pc.and_(pc.equal(history.column("pid"), target.pid),
+                                     pc.equal(history.column("version"), version))).to_pylist()[0]
+
+        def build(live: pa.Table) -> builtins.list[dict[str, Any]]:
+            champ = self._state_of(live, [target.pid]).get(target.pid, {}).get("champion")
+            if champ is not None and champ["version"] == version:
+                return []  # already the champion
+            events = [{**champ, "status": "archived"}] if champ is not None else []
+            return [*events, {**row, "status": "champion"}]
+
+        self._append(job, build)
         return self.get(job, partition, version)
 
     def rollback(self, job: str, partition: Mapping[str, Any]) -> ModelVersion:
         """Demote the champion (to archived) and restore the previous good version as champion."""
-        current = self.get(job, partition)
-        candidates = [m for m in self.list(job, partition=partition, all_versions=True)
-                      if m.version < current.version and m.status == "archived"]
+        current = self._find(job, partition, None)
+        candidates = [m for m in self.list(job, partition=partition, all_versions=True, include_global=True)
+                      if m.pid == current.pid and m.version < current.version and m.status == "archived"]
         if not candidates:
             raise RegistryError(f"partition {dict(partition)!r} of {job!r} has no earlier good version")
         return self.promote(job, partition, max(candidates, key=lambda m: m.version).version)
 
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint(self, job: str, *, cleanup: bool = True) -> int:
+        """Summarise the log up to its last commit N as ``N.checkpoint.live`` and ``N.checkpoint.all``,
+        then (with ``cleanup``) delete what no reader needs any more: commits up to and checkpoints
+        below the second-newest checkpoint (a reader that finds the newest unreadable falls back to
+        the one before). Idempotent; the content is a pure function of commits 1..N, so a process
+        killed between writing and cleaning up leaves nothing that could be shown twice.
+
+        Returns:
+            N (0 for an empty log).
+        """
+        live, head = self._view(job, "live")
+        history, head_all = self._view(job, "all")
+        if head == 0 or head != head_all:  # empty, or a commit landed in between: the next one will
+            return head
+        for kind, rows in (("all", history), ("live", live)):
+            key = self.checkpoint_key(job, head, kind)  # type: ignore[arg-type]
+            if not self.store.exists(key):
+                self.store.write_parquet(key, rows)
+                self._files[key] = rows
+        if cleanup:
+            listing = _Listing(self.store.list(f"{job}/{LOG}"))
+            cuts = {kind: sorted(nums)[-2] if len(nums) > 1 else 0
+                    for kind, nums in listing.checkpoints.items()}
+            cut = min(cuts.values())
+            for n, key in listing.commits.items():
+                if n <= cut:
+                    self.store.delete(key)
+            for kind, nums in listing.checkpoints.items():
+                for n, key in nums.items():
+                    if n < cuts[kind]:
+                        self.store.delete(key)
+        return head
+
     def compact(self, job: str) -> None:
-        """Rewrite the index as one segment of resolved rows (readers never see a gap)."""
-        with self.store.lock(f"{job}/index.lock"):
-            old = [k for k in self.store.list(f"{job}/index") if k.endswith(".parquet")]
-            if len(old) <= 1:
-                return
-            seq = time.time_ns()
-            name = f"{job}/index/seg-{seq:020d}-compact-{uuid.uuid4().hex[:6]}.parquet"
-            self.store.write_parquet(name, self._resolved(job))
-            for key in old:
+        """Checkpoint the log (called by ``train`` at the end of every run)."""
+        self.checkpoint(job)
+
+    def _checkpoint_quietly(self, job: str) -> None:
+        try:
+            self.checkpoint(job)
+        except (OSError, pa.ArrowException) as exc:  # the commit stands; a later checkpoint catches up
+            log.warning("registry: checkpoint of %s failed: %s", job, exc)
+
+    def _migrate_legacy(self, job: str) -> bool:
+        """Carry an index of an older release (``<job>/index/seg-*.parquet``) into commit 1, with the
+        partition ids of this release. Returns whether commit 1 exists now."""
+        self._legacy_checked.add(job)  # looked at once per process
+        keys = [k for k in self.store.list(f"{job}/index") if k.endswith(".parquet")]
+        if not keys:
+            return False
+        try:
+            events = pa.concat_tables([_conform(self.store.read_parquet(k)) for k in keys])
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("registry: cannot read the old index of %s: %s", job, exc)
+            return False
+        rows = _last_events(events).to_pylist()
+        rows.sort(key=lambda r: (r["seq"], r["version"]))
+        for r in rows:
+            key = decode_partition(r["partition"])
+            r["pid"] = partition_id(builtins.list(key), builtins.list(key.values()))
+        table = self._events_table(rows, 1)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.store.create_exclusive(self.commit_key(job, 1), buf.getvalue())
+        return True
+
+    # ----------------------------------------------------------------- retention
+    def gc(self, job: str, keep: int, *, dry_run: bool = False) -> GcReport:
+        """Remove old versions and orphaned model files of ``job``.
+
+        Per partition the champion and its ``keep`` latest versions stay, and so does every version a
+        score run of the last 7 days used (or a score run still running uses); the rest is marked
+        removed in one commit, then their model files are deleted. Model files under
+        ``<job>/models/`` that no index entry names are deleted too, unless they belong to a run whose
+        record says it is still running (its driver alive): a run writes its record before any model.
+
+        Raises:
+            RegistryError: ``keep`` is below 1 (the latest version numbers the next one).
+        """
+        if keep < 1:
+            raise RegistryError(f"--keep must be at least 1, not {keep}")
+        # Order matters: files first, then run records, then the index. A listed file's run either
+        # committed before its record stopped saying "running" (so the index read after shows it) or
+        # is seen running (so its files are kept).
+        root = self.store.root.rstrip("/") + "/"
+        try:
+            found = self.store.fs.find(self.store.path(f"{job}/models"), detail=True)
+        except FileNotFoundError:
+            found = {}
+        running, used = self._protected_by_runs(job)
+        history = self.table(job)
+        rows = history.to_pylist()
+        by_pid: dict[str, builtins.list[dict[str, Any]]] = {}
+        for r in rows:
+            by_pid.setdefault(r["pid"], []).append(r)
+        doomed: builtins.list[dict[str, Any]] = []
+        for versions in by_pid.values():
+            versions.sort(key=lambda r: r["version"], reverse=True)
+            for i, r in enumerate(versions):
+                if i >= keep and r["status"] != "champion" and (r["partition"], r["version"]) not in used:
+                    doomed.append(r)
+        gone = {(r["pid"], r["version"]) for r in doomed}
+
+        def build(live: pa.Table) -> builtins.list[dict[str, Any]]:
+            champs = live.filter(pc.equal(live.column("status"), "champion"))
+            now_champion = set(zip(champs.column("pid").to_pylist(), champs.column("version").to_pylist(),
+                                   strict=True))
+            return [{**r, "status": REMOVED} for r in doomed if (r["pid"], r["version"]) not in now_champion]
+
+        removed = doomed
+        if not dry_run and doomed:
+            events: builtins.list[dict[str, Any]] = []
+
+            def record(live: pa.Table) -> builtins.list[dict[str, Any]]:
+                events[:] = build(live)
+                return events
+
+            self._append(job, record)
+            removed = events
+            gone = {(r["pid"], r["version"]) for r in removed}
+        kept_keys = {r["model_key"] for r in rows if (r["pid"], r["version"]) not in gone}
+        # Files to delete: those of removed versions (unless a kept version shares one), and files
+        # under models/ that nothing names and no running run may still commit.
+        doomed_files: dict[str, int] = {}
+        for r in removed:
+            key = r["model_key"]
+            if key and key not in kept_keys:
+                try:
+                    doomed_files[key] = int(self.store.fs.size(self.store.path(key)) or 0)
+                except FileNotFoundError:
+                    continue
+        orphans = 0
+        for path, info in found.items():
+            key = str(path)[len(root):] if str(path).startswith(root) else str(path)
+            run_id = key.rsplit("/", 1)[-1].removesuffix(".txt")
+            if key in kept_keys or key in doomed_files or run_id in running:
+                continue
+            doomed_files[key] = int(info.get("size") or 0)
+            orphans += 1
+        if not dry_run:
+            for key in doomed_files:
                 self.store.delete(key)
+        freed = sum(doomed_files.values())
+        removed.sort(key=lambda r: (r["partition"], r["version"]))
+        return GcReport(
+            job=job, dry_run=dry_run, kept=len(rows) - len(removed), removed=len(removed),
+            removed_versions=[{"partition": decode_partition(r["partition"]), "version": r["version"]}
+                              for r in removed[:100]],
+            orphan_files_removed=orphans, bytes_freed=freed)
+
+    def _protected_by_runs(self, job: str) -> tuple[set[str], set[tuple[str, int]]]:
+        """Run ids still running (their model files are in flight) and the (partition, version)
+        pairs score runs of the last :data:`SCORE_PROTECT_DAYS` days (or still running) used."""
+        running: set[str] = set()
+        used: set[tuple[str, int]] = set()
+        since = dt.datetime.now(dt.UTC) - dt.timedelta(days=SCORE_PROTECT_DAYS)
+        for key in self.store.glob(f"{job}/runs/*/run.json"):
+            try:
+                record = _live_status(json.loads(self.store.read_bytes(key)))
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            run_id = str(record.get("run_id") or key.rsplit("/", 2)[-2])
+            live = record.get("status") == "running"
+            if live:
+                running.add(run_id)
+            if record.get("kind") != "score":
+                continue
+            try:
+                started = dt.datetime.fromisoformat(str(record.get("started_at")))
+                recent = started.astimezone(dt.UTC) >= since if started.tzinfo else True
+            except ValueError:
+                recent = True  # unreadable date: keep what it used
+            if not (recent or live):
+                continue
+            try:
+                parts = self.store.read_parquet(key.rsplit("/", 1)[0] + "/partitions.parquet")
+            except FileNotFoundError:
+                continue
+            if {"partition", "model_version"} <= set(parts.column_names):
+                for p, v in zip(parts.column("partition").to_pylist(),
+                                parts.column("model_version").to_pylist(), strict=True):
+                    if p is not None and v is not None:
+                        used.add((str(p), int(v)))
+        return running, used
 
     # ----------------------------------------------------------------- run records
     def write_run(self, job: str, run_id: str, record: Mapping[str, Any],

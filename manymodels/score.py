@@ -385,7 +385,7 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     if not plan.partitions:
         raise InputError("no partition matches --only" if only else f"{source.url!r} has no partitions")
     reg = Registry(spec.output.registry)
-    if not reg.store.exists(f"{spec.name}/index"):  # pinned or not: nothing can score
+    if not reg.has_index(spec.name):  # pinned or not: nothing can score
         raise InputError(f"the registry {reg.url} has no models of job {spec.name!r}: train it first")
     refs = _model_refs(reg, spec, plan.keys, plan.partitions, model_version, train_run)
     scores = Store(spec.output.scores)
