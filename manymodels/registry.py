@@ -283,6 +283,12 @@ def _last_events(events: pa.Table) -> pa.Table:
     return keyed.select(INDEX_SCHEMA.names)
 
 
+def _pairs(rows: pa.Table, name: str) -> Any:
+    """``<name>\\0<version>`` per row: one text key per (partition, version), for set lookups."""
+    version = pc.cast(rows.column("version"), pa.string())
+    return pc.binary_join_element_wise(rows.column(name), version, "\x00")
+
+
 def _conform(table: pa.Table) -> pa.Table:
     """A log table in today's schema (columns added since it was written read as null)."""
     for f in INDEX_SCHEMA:
@@ -581,7 +587,11 @@ class Registry:
         return out
 
     # ----------------------------------------------------------------- log writing
-    def _events_table(self, events: Sequence[Mapping[Any, Any]], number: int) -> pa.Table:
+    def _events_table(self, events: Sequence[Mapping[Any, Any]] | pa.Table, number: int) -> pa.Table:
+        if isinstance(events, pa.Table):  # already index rows (gc): only the log position is new
+            seq = pa.array(number * SEQ_STRIDE + np.arange(events.num_rows, dtype=np.int64), pa.int64())
+            return events.select(INDEX_SCHEMA.names).set_column(
+                INDEX_SCHEMA.get_field_index("seq"), "seq", seq).cast(INDEX_SCHEMA)
         # Rows re-read through pandas carry NaN for nulls (e.g. time_min, previous_version); Arrow
         # only takes None there. Float columns keep their NaN as it was.
         nullable = {f.name for f in INDEX_SCHEMA if not pa.types.is_floating(f.type)}
@@ -589,7 +599,8 @@ class Registry:
                      for k, v in e.items()}, "seq": number * SEQ_STRIDE + i} for i, e in enumerate(events)]
         return pa.Table.from_pylist(clean, schema=INDEX_SCHEMA)
 
-    def _append(self, job: str, build: Callable[[pa.Table], builtins.list[dict[str, Any]]]) -> int:
+    def _append(self, job: str,
+                build: Callable[[pa.Table], builtins.list[dict[str, Any]] | pa.Table]) -> int:
         """Add one commit to the log: ``build(live state)`` gives its events; on a lost race (another
         writer created that commit number first) the state is read again and ``build`` runs again.
 
@@ -605,7 +616,7 @@ class Registry:
         for attempt in range(COMMIT_TRIES):
             live, head = self._view(job, "live")
             events = build(live)
-            if not events:
+            if (events.num_rows if isinstance(events, pa.Table) else len(events)) == 0:
                 return 0
             number = head + 1
             table = self._events_table(events, number)
@@ -767,6 +778,7 @@ class Registry:
         removed in one commit, then their model files are deleted. Model files under
         ``<job>/models/`` that no index entry names are deleted too, unless they belong to a run whose
         record says it is still running (its driver alive): a run writes its record before any model.
+        Works in Arrow throughout: a year of nightly runs is millions of versions.
 
         Raises:
             RegistryError: ``keep`` is below 1 (the latest version numbers the next one).
@@ -781,66 +793,78 @@ class Registry:
             found = self.store.fs.find(self.store.path(f"{job}/models"), detail=True)
         except FileNotFoundError:
             found = {}
+        sizes = {(str(p)[len(root):] if str(p).startswith(root) else str(p)): int(i.get("size") or 0)
+                 for p, i in found.items()}
         running, used = self._protected_by_runs(job)
         history = self.table(job)
-        rows = history.to_pylist()
-        by_pid: dict[str, builtins.list[dict[str, Any]]] = {}
-        for r in rows:
-            by_pid.setdefault(r["pid"], []).append(r)
-        doomed: builtins.list[dict[str, Any]] = []
-        for versions in by_pid.values():
-            versions.sort(key=lambda r: r["version"], reverse=True)
-            for i, r in enumerate(versions):
-                if i >= keep and r["status"] != "champion" and (r["partition"], r["version"]) not in used:
-                    doomed.append(r)
-        gone = {(r["pid"], r["version"]) for r in doomed}
+        doomed = self._gc_candidates(history, keep, used)
 
-        def build(live: pa.Table) -> builtins.list[dict[str, Any]]:
-            champs = live.filter(pc.equal(live.column("status"), "champion"))
-            now_champion = set(zip(champs.column("pid").to_pylist(), champs.column("version").to_pylist(),
-                                   strict=True))
-            return [{**r, "status": REMOVED} for r in doomed if (r["pid"], r["version"]) not in now_champion]
+        def build(live: pa.Table) -> pa.Table:
+            # A version promoted since the history was read (a rollback) is a champion again: kept.
+            champs = live.filter(pc.equal(live.column("status"), "champion")).select(["pid", "version"])
+            champs = champs.rename_columns(["pid", "champion_version"])
+            joined = doomed.join(champs, keys="pid", join_type="left outer", use_threads=False)
+            still = pc.fill_null(pc.not_equal(joined.column("version"), joined.column("champion_version")),
+                                 True)
+            rows = joined.filter(still).select(INDEX_SCHEMA.names)
+            return rows.set_column(rows.schema.get_field_index("status"), "status",
+                                   pa.array([REMOVED] * rows.num_rows, pa.string()))
 
         removed = doomed
-        if not dry_run and doomed:
-            events: builtins.list[dict[str, Any]] = []
+        if not dry_run and doomed.num_rows:
+            events: builtins.list[pa.Table] = []
 
-            def record(live: pa.Table) -> builtins.list[dict[str, Any]]:
-                events[:] = build(live)
-                return events
+            def record(live: pa.Table) -> pa.Table:
+                events[:] = [build(live)]
+                return events[0]
 
             self._append(job, record)
-            removed = events
-            gone = {(r["pid"], r["version"]) for r in removed}
-        kept_keys = {r["model_key"] for r in rows if (r["pid"], r["version"]) not in gone}
-        # Files to delete: those of removed versions (unless a kept version shares one), and files
-        # under models/ that nothing names and no running run may still commit.
-        doomed_files: dict[str, int] = {}
-        for r in removed:
-            key = r["model_key"]
-            if key and key not in kept_keys:
-                try:
-                    doomed_files[key] = int(self.store.fs.size(self.store.path(key)) or 0)
-                except FileNotFoundError:
-                    continue
+            removed = events[0]
+            self._checkpoint_quietly(job)  # the next reader starts after the removal
+        removed_keys = pc.unique(removed.column("model_key"))
+        kept = history.filter(pc.invert(pc.is_in(_pairs(history, "pid"), value_set=_pairs(removed, "pid"))))
+        listed = pa.array(builtins.list(sizes), pa.string())
+        named = pc.is_in(listed, value_set=pc.unique(kept.column("model_key")))
+        of_removed = pc.is_in(listed, value_set=removed_keys)
         orphans = 0
-        for path, info in found.items():
-            key = str(path)[len(root):] if str(path).startswith(root) else str(path)
-            run_id = key.rsplit("/", 1)[-1].removesuffix(".txt")
-            if key in kept_keys or key in doomed_files or run_id in running:
+        doomed_files: builtins.list[str] = []
+        for key, is_named, is_removed in zip(listed.to_pylist(), named.to_pylist(), of_removed.to_pylist(),
+                                             strict=True):
+            if is_named or key.rsplit("/", 1)[-1].removesuffix(".txt") in running:
                 continue
-            doomed_files[key] = int(info.get("size") or 0)
-            orphans += 1
+            doomed_files.append(key)
+            orphans += not is_removed
         if not dry_run:
             for key in doomed_files:
                 self.store.delete(key)
-        freed = sum(doomed_files.values())
-        removed.sort(key=lambda r: (r["partition"], r["version"]))
+        first = removed.take(pc.sort_indices(removed, sort_keys=[("partition", "ascending"),
+                                                                  ("version", "ascending")])[:100])
         return GcReport(
-            job=job, dry_run=dry_run, kept=len(rows) - len(removed), removed=len(removed),
-            removed_versions=[{"partition": decode_partition(r["partition"]), "version": r["version"]}
-                              for r in removed[:100]],
-            orphan_files_removed=orphans, bytes_freed=freed)
+            job=job, dry_run=dry_run, kept=kept.num_rows, removed=removed.num_rows,
+            removed_versions=[{"partition": decode_partition(p), "version": v} for p, v in zip(
+                first.column("partition").to_pylist(), first.column("version").to_pylist(), strict=True)],
+            orphan_files_removed=orphans, bytes_freed=sum(sizes[k] for k in doomed_files))
+
+    @staticmethod
+    def _gc_candidates(history: pa.Table, keep: int, used: set[tuple[str, int]]) -> pa.Table:
+        """Rows beyond each partition's ``keep`` latest that are neither champion nor recently scored."""
+        if history.num_rows == 0:
+            return history
+        order = pc.sort_indices(history, sort_keys=[("pid", "ascending"), ("version", "descending")])
+        rows = history.take(order)
+        pids = rows.column("pid").combine_chunks()
+        first = np.ones(rows.num_rows, dtype=bool)
+        if rows.num_rows > 1:
+            first[1:] = pc.not_equal(pids.slice(1), pids.slice(0, rows.num_rows - 1)).to_numpy(
+                zero_copy_only=False)
+        index = np.arange(rows.num_rows)
+        rank = index - np.maximum.accumulate(np.where(first, index, 0))
+        mask = (rank >= keep) & pc.not_equal(rows.column("status"), "champion").to_numpy(zero_copy_only=False)
+        if used:
+            scored = pc.is_in(_pairs(rows, "partition"),
+                              value_set=pa.array([f"{p}\x00{v}" for p, v in used], pa.string()))
+            mask &= ~scored.to_numpy(zero_copy_only=False)
+        return rows.filter(pa.array(mask))
 
     def _protected_by_runs(self, job: str) -> tuple[set[str], set[tuple[str, int]]]:
         """Run ids still running (their model files are in flight) and the (partition, version)
