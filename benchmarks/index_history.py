@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import os
 import shutil
@@ -34,7 +33,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -45,6 +43,8 @@ from manymodels.registry import (  # noqa: E402
     INDEX_SCHEMA,
     SEQ_STRIDE,
     Registry,
+    _by_partition,
+    _parquet,
     encode_partition,
     partition_id,
 )
@@ -136,14 +136,17 @@ def generate(registry: Path, h: History) -> dict[str, Any]:
     store = Registry(str(registry)).store
     newest = (h.v // CHECKPOINT_EVERY) * CHECKPOINT_EVERY
     older = newest - CHECKPOINT_EVERY
+    # Written as Registry writes them: sorted by partition, in small row groups.
     for night in (older, newest):
-        store.write_parquet(Registry.checkpoint_key(JOB, night, "all"), h.checkpoint_all(night))
-        store.write_parquet(Registry.checkpoint_key(JOB, night, "live"), h.checkpoint_live(night))
+        store.write_bytes(Registry.checkpoint_key(JOB, night, "all"),
+                          _parquet(_by_partition(h.checkpoint_all(night))))
+        store.write_bytes(Registry.checkpoint_key(JOB, night, "live"),
+                          _parquet(_by_partition(h.checkpoint_live(night))))
     for night in range(older + 1, h.v + 1):
-        table = h.commit(night)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        assert store.create_exclusive(Registry.commit_key(JOB, night), buf.getvalue())
+        table = _by_partition(h.commit(night))
+        seq = night * SEQ_STRIDE + np.arange(table.num_rows)
+        table = table.set_column(INDEX_SCHEMA.get_field_index("seq"), "seq", pa.array(seq, pa.int64()))
+        assert store.create_exclusive(Registry.commit_key(JOB, night), _parquet(table))
     log = registry / JOB / "log"
     return {"log_files": len(list(log.iterdir())),
             "log_mb": round(sum(f.stat().st_size for f in log.iterdir()) / 2**20, 1),

@@ -73,6 +73,7 @@ LOG = "log"
 SEQ_STRIDE = 1_000_000_000  # seq = commit number * SEQ_STRIDE + row within the commit
 CHECKPOINT_EVERY = 10  # commits between checkpoints
 COMMIT_TRIES = 50
+ROW_GROUP_ROWS = 2048  # log files: small row groups, so that one partition's lookup reads one
 SCORE_PROTECT_DAYS = 7
 
 _COMMIT = re.compile(r"(\d{20})\.parquet")
@@ -289,6 +290,18 @@ def _pairs(rows: pa.Table, name: str) -> Any:
     return pc.binary_join_element_wise(rows.column(name), version, "\x00")
 
 
+def _by_partition(table: pa.Table) -> pa.Table:
+    """Rows sorted by partition text (a stable sort): log files are written so, in small row groups,
+    so that one partition's rows are read through the row-group statistics."""
+    return table.take(pc.sort_indices(table, sort_keys=[("partition", "ascending")]))
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS)
+    return buf.getvalue()
+
+
 def _conform(table: pa.Table) -> pa.Table:
     """A log table in today's schema (columns added since it was written read as null)."""
     for f in INDEX_SCHEMA:
@@ -316,6 +329,7 @@ class Registry:
         self._files: dict[str, pa.Table | None] = {}  # log files never change once written
         self._exclusive_checked = False
         self._legacy_checked: set[str] = set()
+        self._views: dict[tuple[str, str], tuple[frozenset[str], pa.Table]] = {}
 
     # ----------------------------------------------------------------- paths (pure)
     @staticmethod
@@ -339,14 +353,20 @@ class Registry:
         return f"{job}/{LOG}/{number:020d}.checkpoint.{kind}.parquet"
 
     # ----------------------------------------------------------------- log reading
-    def _read_log_file(self, key: str) -> pa.Table | None:
+    def _read_log_file(self, key: str, partition: str | None = None) -> pa.Table | None:
         """A commit or checkpoint table (cached); ``None`` (and a warning) when it cannot be read.
+
+        With ``partition`` (an exact encoded key): only that partition's rows, read through the
+        Parquet row-group statistics (log files are sorted by partition), and not cached.
 
         Raises:
             FileNotFoundError: it was removed since it was listed (the caller lists again).
         """
         if key in self._files:
-            return self._files[key]
+            cached = self._files[key]
+            if cached is None or partition is None:
+                return cached
+            return cached.filter(pc.equal(cached.column("partition"), partition))
         try:
             data = self.store.read_bytes(key)
         except FileNotFoundError:
@@ -355,6 +375,8 @@ class Registry:
             log.warning("registry: cannot read %s, skipping it: %s", self.store.uri(key), exc)
             return None  # not cached: a transient read error may pass
         try:
+            if partition is not None:
+                return _conform(pq.read_table(io.BytesIO(data), filters=[("partition", "=", partition)]))
             table: pa.Table | None = _conform(pq.read_table(io.BytesIO(data)))
         except (pa.ArrowException, ValueError, KeyError) as exc:
             # A torn or foreign file: its number stays taken (writers go on at the next one), its
@@ -364,34 +386,43 @@ class Registry:
         self._files[key] = table
         return table
 
-    def _view(self, job: str, kind: Literal["live", "all"]) -> tuple[pa.Table, int]:
+    def _view(self, job: str, kind: Literal["live", "all"],
+              partition: str | None = None) -> tuple[pa.Table, int]:
         """Resolved index rows of ``job`` and the last commit number they include.
 
         ``live``: each partition's champion row and latest-version row. ``all``: every version's
-        current row. Read from the newest readable checkpoint of that kind and the commits after it.
+        current row. Read from the newest readable checkpoint of that kind and the commits after it
+        (only the rows of ``partition``, an exact encoded key, when given).
         """
         for _attempt in range(10):
             listing = _Listing(self.store.list(f"{job}/{LOG}"))
+            listed = {*listing.commits.values(), *(k for c in listing.checkpoints.values()
+                                                   for k in c.values())}
+            signature = frozenset(listed)
+            memo = self._views.get((job, kind))
+            if partition is None and memo is not None and memo[0] == signature:
+                return memo[1], listing.head  # log files never change: the same files, the same view
             try:
                 base, base_n = None, 0
                 for n in sorted(listing.checkpoints[kind], reverse=True):
                     if n > listing.head:
                         continue  # a checkpoint is written after its commit: never ahead of the log
-                    base = self._read_log_file(listing.checkpoints[kind][n])
+                    base = self._read_log_file(listing.checkpoints[kind][n], partition)
                     if base is not None:
                         base_n = n
                         break
                 tail = [t for n in sorted(listing.commits) if n > base_n
-                        if (t := self._read_log_file(listing.commits[n])) is not None]
+                        if (t := self._read_log_file(listing.commits[n], partition)) is not None]
             except FileNotFoundError:
                 continue  # cleaned up between listing and reading: list again
-            listed = {*listing.commits.values(), *(k for c in listing.checkpoints.values()
-                                                   for k in c.values())}
             for gone in [k for k in self._files if k.startswith(f"{job}/{LOG}/") and k not in listed]:
                 del self._files[gone]  # cleaned up: keep the cache as small as the log
             if not listing.commits and job not in self._legacy_checked and self._migrate_legacy(job):
                 continue
-            return self._apply(base, tail, kind), listing.head
+            view = self._apply(base, tail, kind)
+            if partition is None:
+                self._views[(job, kind)] = (signature, view)
+            return view, listing.head
         raise StorageError(f"the registry log of {job!r} in {self.url} kept changing while it was read")
 
     @staticmethod
@@ -402,8 +433,10 @@ class Registry:
         if not tail:
             return base
         events = pa.concat_tables(tail)
-        touched = pc.unique(events.column("pid"))
-        in_base = _pid_filter(base, touched.to_pylist())
+        if kind == "live":  # (at most two rows per partition): redo the partitions the commits touch
+            in_base = _pid_filter(base, pc.unique(events.column("pid")).to_pylist())
+        else:  # (the whole history): replace only the versions the commits touch
+            in_base = pc.is_in(_pairs(base, "pid"), value_set=pc.unique(_pairs(events, "pid")))
         resolved = _last_events(pa.concat_tables([base.filter(in_base), events]))
         if kind == "live":
             resolved = _latest_per_pid(resolved)
@@ -418,6 +451,12 @@ class Registry:
         """Every version of every partition of ``job`` as index rows (an Arrow table, one row per
         version, with its current status): the fast path for programs that filter in bulk."""
         return self._view(job, "all")[0]
+
+    def champions(self, job: str) -> pa.Table:
+        """Every partition's champion as index rows (read from the live state only, not the history;
+        the global model's too): what scoring needs."""
+        live = self._live(job)
+        return live.filter(pc.equal(live.column("status"), "champion"))
 
     def has_index(self, job: str) -> bool:
         """Whether ``job`` has a registry log (or an index of an older release)."""
@@ -508,10 +547,16 @@ class Registry:
     def _find(self, job: str, partition: Mapping[str, Any], version: int | None) -> ModelVersion:
         """One version of one partition, read from the live state (the history only for a version
         that is neither the champion nor the latest)."""
-        live = self._live(job)
-        matches = self._matching(live, partition)
-        if partition == {} and live.num_rows:  # the global model's pseudo-partition "{}"
-            matches = live.filter(pc.equal(live.column("pid"), GLOBAL_PID))
+        exact = json.dumps({k: _json_value(v) for k, v in partition.items()}, ensure_ascii=False,
+                           separators=(",", ":"))
+        # First only the rows of the exact encoded key (row-group statistics skip the rest of each
+        # file); the whole live state only when that finds nothing (a partial key, other types).
+        matches, _ = self._view(job, "live", exact)
+        if matches.num_rows == 0:
+            live = self._live(job)
+            matches = self._matching(live, partition)
+            if partition == {} and live.num_rows:  # the global model's pseudo-partition "{}"
+                matches = live.filter(pc.equal(live.column("pid"), GLOBAL_PID))
         pids = pc.unique(matches.column("pid")).to_pylist() if matches.num_rows else []
         if not pids:
             raise RegistryError(f"job {job!r} has no partition {dict(partition)!r}")
@@ -589,15 +634,19 @@ class Registry:
     # ----------------------------------------------------------------- log writing
     def _events_table(self, events: Sequence[Mapping[Any, Any]] | pa.Table, number: int) -> pa.Table:
         if isinstance(events, pa.Table):  # already index rows (gc): only the log position is new
-            seq = pa.array(number * SEQ_STRIDE + np.arange(events.num_rows, dtype=np.int64), pa.int64())
-            return events.select(INDEX_SCHEMA.names).set_column(
-                INDEX_SCHEMA.get_field_index("seq"), "seq", seq).cast(INDEX_SCHEMA)
+            table = _by_partition(events.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA))
+            seq = pa.array(number * SEQ_STRIDE + np.arange(table.num_rows, dtype=np.int64), pa.int64())
+            return table.set_column(INDEX_SCHEMA.get_field_index("seq"), "seq", seq)
         # Rows re-read through pandas carry NaN for nulls (e.g. time_min, previous_version); Arrow
         # only takes None there. Float columns keep their NaN as it was.
         nullable = {f.name for f in INDEX_SCHEMA if not pa.types.is_floating(f.type)}
         clean = [{**{k: None if k in nullable and isinstance(v, float) and v != v else v
-                     for k, v in e.items()}, "seq": number * SEQ_STRIDE + i} for i, e in enumerate(events)]
-        return pa.Table.from_pylist(clean, schema=INDEX_SCHEMA)
+                     for k, v in e.items()}, "seq": 0} for e in events]
+        table = _by_partition(pa.Table.from_pylist(clean, schema=INDEX_SCHEMA))
+        # The log position (commit, row) orders events; the stable sort by partition above keeps the
+        # order of one partition's events (an archive before the promotion that causes it).
+        seq = pa.array(number * SEQ_STRIDE + np.arange(table.num_rows, dtype=np.int64), pa.int64())
+        return table.set_column(INDEX_SCHEMA.get_field_index("seq"), "seq", seq)
 
     def _append(self, job: str,
                 build: Callable[[pa.Table], builtins.list[dict[str, Any]] | pa.Table]) -> int:
@@ -620,13 +669,12 @@ class Registry:
                 return 0
             number = head + 1
             table = self._events_table(events, number)
-            buf = io.BytesIO()
-            pq.write_table(table, buf)
+            data = _parquet(table)
             key = self.commit_key(job, number)
             hook = Registry.before_create
             if hook is not None:
                 hook(job, number)
-            if self.store.create_exclusive(key, buf.getvalue()):
+            if self.store.create_exclusive(key, data):
                 self._files[key] = table
                 if number % CHECKPOINT_EVERY == 0:
                     self._checkpoint_quietly(job)
@@ -720,7 +768,7 @@ class Registry:
         for kind, rows in (("all", history), ("live", live)):
             key = self.checkpoint_key(job, head, kind)  # type: ignore[arg-type]
             if not self.store.exists(key):
-                self.store.write_parquet(key, rows)
+                self.store.write_bytes(key, _parquet(_by_partition(rows)))
                 self._files[key] = rows
         if cleanup:
             listing = _Listing(self.store.list(f"{job}/{LOG}"))
@@ -763,10 +811,7 @@ class Registry:
         for r in rows:
             key = decode_partition(r["partition"])
             r["pid"] = partition_id(builtins.list(key), builtins.list(key.values()))
-        table = self._events_table(rows, 1)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        self.store.create_exclusive(self.commit_key(job, 1), buf.getvalue())
+        self.store.create_exclusive(self.commit_key(job, 1), _parquet(self._events_table(rows, 1)))
         return True
 
     # ----------------------------------------------------------------- retention

@@ -253,7 +253,7 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
                 model_version: int | None, train_run: str | None) -> dict[str, ModelRef | str]:
     """pid → the model that scores it (the global fallback where configured), or why none does."""
     job = spec.name
-    rows = reg.table(job)
+    rows = reg.table(job) if train_run or model_version is not None else reg.champions(job)
     if train_run:
         rows = rows.filter(pc.equal(rows.column("run_id"), train_run))
         if rows.num_rows == 0:

@@ -292,6 +292,7 @@ def test_live_reads_skip_the_history(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(fresh.store, "read_bytes", counting)
     assert set(fresh.state(JOB)) == {partition_id(["station"], [s]) for s in ("a", "b")}
     assert len(fresh.list(JOB)) == 2
+    assert sorted(fresh.champions(JOB).column("version").to_pylist()) == [3, 4]  # what score reads
     assert fresh.load_model_text(fresh._find(JOB, {"station": "a"}, None)) == MODEL
     fresh.load_model_text(fresh._find(JOB, {"station": "a"}, None))
     assert not any("checkpoint.all" in k for k in reads), reads  # never the full history
