@@ -64,6 +64,7 @@ __all__ = [
 
 STATUSES = ("champion", "archived", "rejected")
 REMOVED = "removed"  # a version deleted by gc: a tombstone event, never listed
+KEPT_STATUSES = ["champion", "challenger"]  # gc never removes these, however old
 
 GLOBAL_PID = "__global__"
 """The pseudo-partition id under which a job's global fallback model is versioned (partition ``{}``).
@@ -569,8 +570,10 @@ class Registry:
                 raise RegistryError(f"partition {dict(partition)!r} of {job!r} has no champion")
         else:
             rows = matches.filter(pc.equal(matches.column("version"), version))
-            if rows.num_rows == 0:
-                history = self.table(job)
+            if rows.num_rows == 0:  # neither champion nor latest: from the history (of this key only)
+                history = self._view(job, "all", exact)[0]
+                if history.num_rows == 0:
+                    history = self.table(job)
                 rows = history.filter(pc.and_(pc.equal(history.column("pid"), pids[0]),
                                               pc.equal(history.column("version"), version)))
             if rows.num_rows == 0:
@@ -727,9 +730,19 @@ class Registry:
     def promote(self, job: str, partition: Mapping[str, Any], version: int) -> ModelVersion:
         """Make ``version`` the partition's champion (the current one is archived)."""
         target = self._find(job, partition, version)
-        history = self.table(job)
-        row = history.filter(pc.and_(pc.equal(history.column("pid"), target.pid),
-                                     pc.equal(history.column("version"), version))).to_pylist()[0]
+        exact = json.dumps(target.partition, ensure_ascii=False, separators=(",", ":"))
+        row = None
+        readers: builtins.list[Callable[[], pa.Table]] = [lambda: self._view(job, "all", exact)[0],
+                                                          lambda: self.table(job)]
+        for history in readers:
+            rows = history()
+            rows = rows.filter(pc.and_(pc.equal(rows.column("pid"), target.pid),
+                                       pc.equal(rows.column("version"), version))).to_pylist()
+            if rows:
+                row = rows[0]
+                break
+        if row is None:  # pragma: no cover - _find found it a moment ago
+            raise RegistryError(f"partition {dict(partition)!r} of {job!r} has no version {version}")
 
         def build(live: pa.Table) -> builtins.list[dict[str, Any]]:
             champ = self._state_of(live, [target.pid]).get(target.pid, {}).get("champion")
@@ -768,7 +781,11 @@ class Registry:
         for kind, rows in (("all", history), ("live", live)):
             key = self.checkpoint_key(job, head, kind)  # type: ignore[arg-type]
             if not self.store.exists(key):
-                self.store.write_bytes(key, _parquet(_by_partition(rows)))
+                # (partition, version) order: the same bytes whoever writes it, from whichever state
+                ordered = rows.take(pc.sort_indices(rows, sort_keys=[("partition", "ascending"),
+                                                                     ("pid", "ascending"),
+                                                                     ("version", "ascending")]))
+                self.store.write_bytes(key, _parquet(ordered))
                 self._files[key] = rows
         if cleanup:
             listing = _Listing(self.store.list(f"{job}/{LOG}"))
@@ -892,7 +909,8 @@ class Registry:
 
     @staticmethod
     def _gc_candidates(history: pa.Table, keep: int, used: set[tuple[str, int]]) -> pa.Table:
-        """Rows beyond each partition's ``keep`` latest that are neither champion nor recently scored."""
+        """Rows beyond each partition's ``keep`` latest that are neither champion (nor challenger) nor
+        recently scored."""
         if history.num_rows == 0:
             return history
         order = pc.sort_indices(history, sort_keys=[("pid", "ascending"), ("version", "descending")])
@@ -904,7 +922,8 @@ class Registry:
                 zero_copy_only=False)
         index = np.arange(rows.num_rows)
         rank = index - np.maximum.accumulate(np.where(first, index, 0))
-        mask = (rank >= keep) & pc.not_equal(rows.column("status"), "champion").to_numpy(zero_copy_only=False)
+        serving = pc.is_in(rows.column("status"), value_set=pa.array(KEPT_STATUSES, pa.string()))
+        mask = (rank >= keep) & ~serving.to_numpy(zero_copy_only=False)
         if used:
             scored = pc.is_in(_pairs(rows, "partition"),
                               value_set=pa.array([f"{p}\x00{v}" for p, v in used], pa.string()))
