@@ -331,6 +331,7 @@ class Registry:
         self._exclusive_checked = False
         self._legacy_checked: set[str] = set()
         self._views: dict[tuple[str, str], tuple[frozenset[str], pa.Table]] = {}
+        self._rows: dict[tuple[str, str], pa.Table] = {}  # (log file, partition) → its rows
 
     # ----------------------------------------------------------------- paths (pure)
     @staticmethod
@@ -368,6 +369,8 @@ class Registry:
             if cached is None or partition is None:
                 return cached
             return cached.filter(pc.equal(cached.column("partition"), partition))
+        if partition is not None and (key, partition) in self._rows:
+            return self._rows[(key, partition)]
         try:
             data = self.store.read_bytes(key)
         except FileNotFoundError:
@@ -377,7 +380,11 @@ class Registry:
             return None  # not cached: a transient read error may pass
         try:
             if partition is not None:
-                return _conform(pq.read_table(io.BytesIO(data), filters=[("partition", "=", partition)]))
+                rows = _conform(pq.read_table(io.BytesIO(data), filters=[("partition", "=", partition)]))
+                if len(self._rows) >= 4096:  # a bounded cache of single-partition lookups
+                    self._rows.clear()
+                self._rows[(key, partition)] = rows
+                return rows
             table: pa.Table | None = _conform(pq.read_table(io.BytesIO(data)))
         except (pa.ArrowException, ValueError, KeyError) as exc:
             # A torn or foreign file: its number stays taken (writers go on at the next one), its
@@ -418,6 +425,9 @@ class Registry:
                 continue  # cleaned up between listing and reading: list again
             for gone in [k for k in self._files if k.startswith(f"{job}/{LOG}/") and k not in listed]:
                 del self._files[gone]  # cleaned up: keep the cache as small as the log
+            prefix = f"{job}/{LOG}/"
+            for gone_row in [k for k in self._rows if k[0].startswith(prefix) and k[0] not in listed]:
+                del self._rows[gone_row]
             if not listing.commits and job not in self._legacy_checked and self._migrate_legacy(job):
                 continue
             view = self._apply(base, tail, kind)
