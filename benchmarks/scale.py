@@ -1,7 +1,7 @@
 """Load: 100,000 partitions × 50 rows trained and scored on one machine.
 
 Records wall time of ``train`` and ``score`` (embedded Ray included), the driver's peak RSS, the
-peak RSS of the Ray worker processes, the registry index size on disk, and the time to list every
+peak RSS of the Ray worker processes, the registry log size on disk, and the time to list every
 champion (``Registry.list``) from a fresh ``Registry`` object. Targets (issue 5): driver peak
 < 2 GB, listing < 1 s.
 
@@ -148,9 +148,9 @@ def main() -> None:
     result.update(train_trained=s.trained, train_failed=s.failed, train_ray_tree_peak_mb=tree.peak_tree_mb,
                   train_worker_peak_mb=tree.peak_worker_mb)
     print(f"train: {s.trained} trained, {s.failed} failed in {result['train_wall_s']:.1f}s", flush=True)
-    index = work / "registry" / spec.name / "index"
-    result["index_files"] = len(list(index.glob("*.parquet")))
-    result["index_mb"] = sum(f.stat().st_size for f in index.glob("*.parquet")) / 2**20
+    log = work / "registry" / spec.name / "log"  # commits and checkpoints
+    result["index_files"] = len(list(log.glob("*.parquet")))
+    result["index_mb"] = sum(f.stat().st_size for f in log.glob("*.parquet")) / 2**20
     t = time.perf_counter()
     champions = Registry(str(work / "registry")).list(spec.name)
     result["list_champions_s"] = time.perf_counter() - t

@@ -8,6 +8,7 @@ error on stderr; a run with too many failed partitions exits 1.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -93,8 +94,19 @@ def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
             os.close(saved)
 
 
+def _strict(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as ``None``: bare ``NaN`` is not JSON, strict parsers reject it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.write(json.dumps(_strict(obj), default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -367,6 +379,26 @@ def _change(action: Callable[[Registry, str, dict[str, str]], Any], partition: l
         _print_json(mv.to_dict())
     else:
         out.print(f"{json.dumps(mv.partition)}: champion is now version {mv.version}", highlight=False)
+
+
+@models_app.command("gc")
+def models_gc(keep: Annotated[int, typer.Option("--keep", help="Versions to keep per partition besides "
+                                                "its champion (the newest ones).")],
+              job: JobRefOpt = None, registry: RegistryOpt = None,
+              dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")]
+              = False,
+              as_json: JsonOpt = False) -> None:
+    """Remove old versions (never a champion, nor one a score run of the last 7 days used) and model
+    files that no version names (killed runs)."""
+    with _errors():
+        reg, name = _registry_for(job, registry)
+        report = reg.gc(_one_job(reg, name), keep, dry_run=dry_run)
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    out.print(f"{report.job}: {verb} {report.removed} versions and {report.orphan_files_removed} orphaned "
+              f"model files ({report.bytes_freed} bytes); {report.kept} versions kept", highlight=False)
 
 
 @app.command()

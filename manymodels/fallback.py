@@ -27,9 +27,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import itertools
-import json
-import math
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +38,7 @@ import pyarrow.compute as pc
 
 from manymodels.data import Source, fingerprint_rows, schema_tag
 from manymodels.pipeline import PartitionError, load_prepare, run_prepare, select_features, train_partition
-from manymodels.registry import GLOBAL_PID, NewVersion, Registry, RegistryError
+from manymodels.registry import GLOBAL_PID, NewVersion, Registry
 from manymodels.spec import JobSpec
 from manymodels.storage import Store
 
@@ -276,6 +273,7 @@ class GlobalOutcome:
     time_max: str | None
     trained_at: dt.datetime
     sample: dict[str, int] = field(default_factory=dict)
+    comparison: str = ""
 
 
 def train_global(task: GlobalTask, ctx: Any) -> GlobalOutcome:
@@ -327,7 +325,7 @@ def train_global(task: GlobalTask, ctx: Any) -> GlobalOutcome:
         reason=result.reason, rows=result.rows, features=result.features,
         fingerprint=fingerprint_rows(sample.hashes, schema_tag(sample.frame)),
         time_min=result.time_min, time_max=result.time_max, trained_at=dt.datetime.now(dt.UTC),
-        sample=info)
+        sample=info, comparison=result.comparison)
 
 
 def new_global_version(outcome: GlobalOutcome, run_id: str, spec: JobSpec, ghash: str) -> NewVersion:
@@ -337,7 +335,8 @@ def new_global_version(outcome: GlobalOutcome, run_id: str, spec: JobSpec, ghash
         rows=outcome.rows, metric=spec.metric, metric_value=float(outcome.metric),
         metrics=outcome.metrics, fingerprint=outcome.fingerprint, spec_hash=ghash,
         model_key=outcome.model_key, features=outcome.features, time_min=outcome.time_min,
-        time_max=outcome.time_max, promote=outcome.promote, reason=outcome.reason)
+        time_max=outcome.time_max, promote=outcome.promote, reason=outcome.reason,
+        comparison=outcome.comparison)
 
 
 # ----------------------------------------------------------------------------- registry access
@@ -365,36 +364,10 @@ def global_versions(reg: Registry, job: str) -> list[dict[str, Any]]:
 
 
 def rollback_global(reg: Registry, job: str) -> int:
-    """Restore the previous good global model (the newest archived version older than the
-    champion, as ``Registry.rollback`` picks for a partition); returns the version that now scores.
-
-    The registry's ``promote``/``rollback`` address partitions by their key values, which the
-    global model does not have, so the restore goes through ``Registry.commit``: the earlier
-    version's model is registered again as a new, promoted version (its file copied, so that
-    retention removing the old version never removes the champion's file), naming the version it
-    restores in its reason. The run id stays the one that trained the model.
+    """Restore the previous good global model (the newest archived version older than the champion,
+    exactly as ``Registry.rollback`` does for a partition); returns the version that now scores.
 
     Raises:
         RegistryError: there is no global champion, or no earlier good version to restore.
     """
-    rows = global_versions(reg, job)
-    champs = [r for r in rows if r["status"] == "champion"]
-    if not champs:
-        raise RegistryError(f"job {job!r} has no global model champion")
-    current = champs[0]
-    earlier = [r for r in rows if int(r["version"]) < int(current["version"]) and r["status"] == "archived"]
-    if not earlier:
-        raise RegistryError(f"the global model of {job!r} has no earlier good version")
-    target = max(earlier, key=lambda r: int(r["version"]))
-    key = Registry.model_key(job, GLOBAL_PID, f"{target['run_id']}-restored-{uuid.uuid4().hex[:8]}")
-    reg.store.write_bytes(key, reg.store.read_bytes(target["model_key"]))
-    value = target["metric_value"]
-    nv = NewVersion(
-        pid=GLOBAL_PID, partition=GLOBAL_PARTITION, run_id=target["run_id"],
-        trained_at=target["trained_at"], rows=int(target["rows"]), metric=target["metric"],
-        metric_value=float("nan") if value is None or math.isnan(value) else float(value),
-        metrics=json.loads(target["metrics"]), fingerprint=target["fingerprint"],
-        spec_hash=target["spec_hash"], model_key=key, features=json.loads(target["features"]),
-        time_min=target["time_min"], time_max=target["time_max"], promote=True,
-        reason=f"rollback: restores version {int(target['version'])}")
-    return reg.commit(job, [nv])[GLOBAL_PID]
+    return reg.rollback(job, {}).version

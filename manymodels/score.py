@@ -343,8 +343,8 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
     (or an error is raised) by :func:`_normalised_keys`.
     """
     job = spec.name
-    everything = reg.table(job)
-    rows = everything
+    everything = reg.live(job)  # every partition's champion and latest version (not the history)
+    rows = reg.table(job) if train_run or model_version is not None else everything
     if train_run:
         rows = rows.filter(pc.equal(rows.column("run_id"), train_run))
         if rows.num_rows == 0:
@@ -486,7 +486,7 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     if not plan.partitions:
         raise InputError("no partition matches --only" if only else f"{source.url!r} has no partitions")
     reg = Registry(spec.output.registry)
-    if not reg.store.exists(f"{spec.name}/index"):  # pinned or not: nothing can score
+    if not reg.has_index(spec.name):  # pinned or not: nothing can score
         raise InputError(f"the registry {reg.url} has no models of job {spec.name!r}: train it first")
     refs = _model_refs(reg, spec, plan.keys, plan.partitions, model_version, train_run,
                        [source.schema.field(k).type for k in plan.keys], source.url)

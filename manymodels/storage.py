@@ -2,22 +2,20 @@
 
 Everything above this module (registry, data access, scoring) speaks in URLs and relative keys; a
 :class:`Store` is rooted at a URL (a local directory, ``s3://bucket/prefix``, ...) and offers the few
-operations the rest needs: atomic whole-object writes, reads, listing, exclusive creation (for locks)
-and deletes. Local writes go through a temporary file and ``os.replace``; object stores publish
-whole objects atomically by themselves.
+operations the rest needs: atomic whole-object writes, reads, listing, exclusive creation (the
+registry's commit log) and deletes. Local writes go through a temporary file, fsync and
+``os.replace``; object stores publish whole objects atomically by themselves.
 """
 
 from __future__ import annotations
 
 import builtins
 import io
-import json
 import os
 import posixpath
 import socket
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from typing import Any
 
 import fsspec
@@ -75,6 +73,8 @@ class Store:
                 tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
                 with open(tmp, "wb") as f:
                     f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
                 os.replace(tmp, path)
             else:
                 self.fs.pipe_file(path, data)
@@ -82,30 +82,55 @@ class Store:
             raise self._wrap(exc, key, "write") from exc
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
-        """Create ``key`` only if it does not exist yet; ``False`` when it already does."""
+        """Create ``key`` with ``data`` only if it does not exist yet; ``False`` when it already does.
+
+        Atomic on every supported store: a reader never sees part of ``data``, and of several
+        concurrent creators exactly one gets ``True``. Locally the bytes go to a temporary file
+        (fsynced) that is then hard-linked to the final name (``link`` fails if the name exists).
+        Object stores use their conditional create (S3 ``If-None-Match: *``, GCS
+        ``ifGenerationMatch=0``, Azure ``If-None-Match: *``); a filesystem without one is an error,
+        never a check-then-write race.
+
+        Raises:
+            StorageError: the store cannot create exclusively, or the write failed.
+        """
         path = self.path(key)
         try:
             if self.local:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
                 try:
-                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    return False
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                return True
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return False
+                    return True
+                finally:
+                    with suppress(FileNotFoundError):
+                        os.unlink(tmp)
+            need = _exclusive_floor(self.fs)
+            if need:
+                raise StorageError(f"{self.url} cannot create objects exclusively ({need}); registry "
+                                   "commits need it")
             try:
-                with self.fs.open(path, "xb") as f:
-                    f.write(data)
+                # pipe_file, not open("xb"): s3fs's "xb" writes an empty body with a plain
+                # (unconditional) touch, so an empty object could be "created" twice.
+                self.fs.pipe_file(path, data, mode="create")
                 return True
             except FileExistsError:
                 return False
-            except (ValueError, NotImplementedError):
-                # A filesystem without exclusive create: check-then-write is the best it offers.
-                if self.fs.exists(path):
+            except OSError as exc:
+                # S3 answers 409 ConditionalRequestConflict while another conditional write of the
+                # same key is in flight: this creator lost (the caller re-reads and retries).
+                if "ConditionalRequestConflict" in str(exc):
                     return False
-                self.fs.pipe_file(path, data)
-                return True
+                raise
+        except StorageError:
+            raise
         except OSError as exc:
             raise self._wrap(exc, key, "create") from exc
 
@@ -155,56 +180,74 @@ class Store:
         return pq.read_table(io.BytesIO(self.read_bytes(key)))
 
     def check_writable(self) -> None:
-        """Fail early (before any work) when the root cannot be written."""
+        """Fail early (before any work) when the root cannot be written or cannot create exclusively."""
         key = f".manymodels-probe-{uuid.uuid4().hex[:8]}"
         self.write_bytes(key, b"")
         self.delete(key)
+        self.check_exclusive()
 
-    def _holder_dead(self, key: str) -> bool:
-        """Whether the lock object ``key`` was left by a process of this machine that no longer runs.
+    def check_exclusive(self) -> None:
+        """Prove that this store creates exclusively: a probe key created twice must fail the second
+        time. Checked once per URL per process (train and score call it up front).
 
-        Only a holder on this very machine (same host name, boot and PID namespace) can be checked;
-        anything else (another machine, an unreadable or foreign lock) counts as alive.
+        Raises:
+            StorageError: the store (or the server behind it) lets a second create succeed.
         """
+        if self.url in _EXCLUSIVE_OK:
+            return
+        key = f".manymodels-probe-x-{uuid.uuid4().hex[:12]}"
         try:
-            holder = json.loads(self.read_bytes(key))
-        except (OSError, ValueError):
-            return False
-        return process_gone(holder)
-
-    @contextmanager
-    def lock(self, key: str, *, timeout_s: float = 330.0, stale_s: float = 300.0) -> Iterator[None]:
-        """Hold an exclusive lock object ``key`` while the block runs (for short critical sections).
-
-        A lock left behind by a holder that died (a SIGKILLed driver) is broken at once when the
-        holder ran on this machine, else once it is older than ``stale_s``; the default
-        ``timeout_s`` outlasts ``stale_s`` so that a waiter gets there instead of giving up.
-        """
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        token = json.dumps({**process_identity(), "token": uuid.uuid4().hex}).encode()
-        while not self.create_exclusive(key, token):
-            try:
-                held = self.read_bytes(key)
-                if self._holder_dead(key) and self.read_bytes(key) == held:
-                    self.delete(key)  # its holder died on this machine
-                    continue
-                info = self.fs.info(self.path(key))
-                mtime = info.get("mtime") or info.get("LastModified")
-                age = time.time() - (mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0))
-                if mtime is not None and age > stale_s:
-                    self.delete(key)  # its holder died; a lock is only ever held for seconds
-                    continue
-            except FileNotFoundError:
-                continue
-            if time.monotonic() > deadline:
-                raise StorageError(f"timed out waiting for lock {self.uri(key)}")
-            time.sleep(0.05)
-        try:
-            yield
+            first = self.create_exclusive(key, b"")
+            second = self.create_exclusive(key, b"")
         finally:
             self.delete(key)
+        if not first or second:
+            raise StorageError(f"{self.url} cannot create objects exclusively: a second create of the "
+                               "same key succeeded (the server ignores conditional writes)")
+        _EXCLUSIVE_OK.add(self.url)
+
+
+_EXCLUSIVE_OK: set[str] = set()  # URLs whose exclusive create was proven in this process
+
+# Filesystem class → (distribution, first release whose conditional create is correct).
+_EXCLUSIVE_SUPPORT = {
+    "S3FileSystem": ("s3fs", (2025, 7, 0)),  # If-None-Match on put since 2024.12, small files fixed in 2025.7
+    "GCSFileSystem": ("gcsfs", (2024, 12, 0)),  # ifGenerationMatch=0
+    "AzureBlobFileSystem": ("adlfs", (2024, 12, 0)),  # upload_blob(overwrite=False)
+}
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _exclusive_floor(fs: Any) -> str:
+    """Why ``fs`` cannot create exclusively (``""`` when it can)."""
+    from importlib import metadata
+
+    name = type(fs).__name__
+    need = _EXCLUSIVE_SUPPORT.get(name)
+    if need is None:
+        return (f"{name} has no conditional create; use a local path, s3:// (s3fs>=2025.7), gs:// "
+                "(gcsfs>=2024.12) or abfs:// (adlfs>=2024.12)")
+    dist, floor = need
+    try:
+        have = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        have = "0"
+    if _version_tuple(have) < floor:
+        return f"need {dist}>={'.'.join(map(str, floor))}, found {have}"
+    return ""
 
 
 def process_identity() -> dict[str, Any]:

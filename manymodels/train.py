@@ -604,7 +604,7 @@ def _commit(reg: Registry, job: str, run_id: str, outcomes: Sequence[PartitionOu
         metric_value=float(o.metric_value) if o.metric_value is not None else float("nan"),
         metrics=o.metrics, fingerprint=o.fingerprint, spec_hash=shash, model_key=o.model_key,
         features=o.features, time_min=o.time_min, time_max=o.time_max, promote=o.promote,
-        reason=o.reason) for o in outcomes])
+        reason=o.reason, comparison=o.comparison) for o in outcomes])
 
 
 PARTITION_SCHEMA = pa.schema([

@@ -141,14 +141,10 @@ def test_versions_full_runs_only_and_rollback(ray_session: None, make_spec: Any,
     third = manymodels.train(spec)
     assert _record(reg, third.run_id)["global_model"] == {"status": "unchanged", "version": 2}
 
-    # Rollback restores version 1's model (registered again as version 3, named in its reason).
-    assert rollback_global(reg, JOB) == 3
+    # Rollback makes version 1 the champion again, as for a partition.
+    assert rollback_global(reg, JOB) == 1
     versions = global_versions(reg, JOB)
-    assert [(r["version"], r["status"]) for r in versions] == [(1, "archived"), (2, "archived"),
-                                                               (3, "champion")]
-    restored = versions[2]
-    assert restored["reason"] == "rollback: restores version 1" and restored["run_id"] == first.run_id
-    assert reg.store.read_bytes(restored["model_key"]) == reg.store.read_bytes(v1["model_key"])
+    assert [(r["version"], r["status"]) for r in versions] == [(1, "champion"), (2, "archived")]
 
     # Scoring: unseen stations use the restored global model (model_version 0, its training run).
     out = tmp_path / "scores"
@@ -158,7 +154,7 @@ def test_versions_full_runs_only_and_rollback(ray_session: None, make_spec: Any,
     rows = _fallback_rows(out, s.run_id)
     assert len(rows) == 2 * 24
     assert set(rows["model_version"]) == {0} and set(rows["model_run_id"]) == {first.run_id}
-    assert _record(reg, s.run_id)["global_model"] == {"version": 3, "run_id": first.run_id}
+    assert _record(reg, s.run_id)["global_model"] == {"version": 1, "run_id": first.run_id}
 
 
 @pytest.mark.ray

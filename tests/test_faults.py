@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -187,7 +188,7 @@ def test_driver_killed_then_rerun_resumes(tmp_path: Path, clean_env: dict[str, s
     return df
 """)
     registry = tmp_path / "registry"
-    index = registry / JOB / "index"
+    index = registry / JOB / "log"
     cmd = cli_train(job)
     with open(tmp_path / "killed.out", "wb") as out, open(tmp_path / "killed.err", "wb") as err:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env, stdout=out, stderr=err,
@@ -196,7 +197,7 @@ def test_driver_killed_then_rerun_resumes(tmp_path: Path, clean_env: dict[str, s
         deadline = time.monotonic() + 120
         while not list(index.glob("*.parquet")):
             assert proc.poll() is None, (tmp_path / "killed.err").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no index segment committed in 120 s"
+            assert time.monotonic() < deadline, "no registry commit in 120 s"
             time.sleep(0.1)
         assert proc.poll() is None, "the run finished before it was killed"
     finally:
@@ -239,18 +240,38 @@ def test_driver_killed_then_rerun_resumes(tmp_path: Path, clean_env: dict[str, s
     assert_visible_models_exist(reg)
     orphans = on_disk_before - {m.model_uri for m in committed.values()}
     assert not orphans & visible
-    assert len(list(index.glob("*.parquet"))) == 1  # compacted at the end of the re-run
+    assert_checkpointed(index)  # the re-run summarised the log at its end
 
 
-def test_driver_killed_holding_the_registry_lock_does_not_block_the_next(tmp_path: Path) -> None:
-    # A driver SIGKILLed inside a commit (or the end-of-run compaction) leaves the lock object behind.
+def assert_checkpointed(log: Path) -> None:
+    """The newest checkpoint (live and all) summarises the newest commit."""
+    names = [p.name for p in log.iterdir()]
+    commits = sorted(n for n in names if re.fullmatch(r"\d{20}\.parquet", n))
+    assert commits, names
+    head = commits[-1].removesuffix(".parquet")
+    assert f"{head}.checkpoint.live.parquet" in names and f"{head}.checkpoint.all.parquet" in names, names
+
+
+def test_driver_killed_in_the_middle_of_a_commit_does_not_block_the_next(tmp_path: Path) -> None:
+    # A driver SIGKILLed inside a commit (right before creating the commit object) leaves nothing
+    # that a later writer waits for: there is no lock, only commits that exist or do not.
     registry = tmp_path / "registry"
-    holder = subprocess.run(
-        [sys.executable, "-c", "import os, signal, sys\nfrom manymodels.storage import Store\n"
-         "with Store(sys.argv[1]).lock(sys.argv[2]):\n    os.kill(os.getpid(), signal.SIGKILL)\n",
-         str(registry), f"{JOB}/index.lock"], timeout=60, check=False)
-    assert holder.returncode == -signal.SIGKILL
-    assert (registry / JOB / "index.lock").exists()
+    script = """\
+import datetime as dt, os, signal, sys
+from manymodels.registry import NewVersion, Registry
+reg = Registry(sys.argv[1])
+reg.store.write_bytes("m.txt", b"model")
+nv = NewVersion(pid="a-1", partition='{"station":"a"}', run_id="train-x", trained_at=dt.datetime.now(dt.UTC),
+                rows=1, metric="mae", metric_value=1.0, metrics={}, fingerprint="f", spec_hash="h",
+                model_key="m.txt", features=[], time_min=None, time_max=None, promote=True, reason="")
+reg.commit(sys.argv[2], [nv])
+Registry.before_create = lambda job, n: os.kill(os.getpid(), signal.SIGKILL)
+reg.commit(sys.argv[2], [nv])
+"""
+    holder = subprocess.run([sys.executable, "-c", script, str(registry), JOB], timeout=60, check=False,
+                            capture_output=True, text=True)
+    assert holder.returncode == -signal.SIGKILL, holder.stderr[-2000:]
+    assert len(Registry(str(registry)).list(JOB, all_versions=True)) == 1
     done: list[float] = []
 
     def compact() -> None:  # what every later commit, promote and run end does first
@@ -261,8 +282,8 @@ def test_driver_killed_holding_the_registry_lock_does_not_block_the_next(tmp_pat
     thread = threading.Thread(target=compact, daemon=True)
     thread.start()
     thread.join(timeout=20)
-    assert done, "the lock of a dead driver blocked the registry"
-    assert not (registry / JOB / "index.lock").exists()
+    assert done, "a dead driver blocked the registry"
+    assert_checkpointed(registry / JOB / "log")
 
 
 # ----------------------------------------------------------------------------- 3. concurrent runs
@@ -297,10 +318,9 @@ def test_two_concurrent_runs_share_the_registry(tmp_path: Path, clean_env: dict[
     for station in (f"stn-{i:05d}" for i in range(stations)):
         # the two versions of a partition come from the two runs, one each
         assert {m.run_id for m in reg.list(JOB, partition={"station": station}, all_versions=True)} == runs
-    # Whichever run ended last compacted every commit of both into one segment, which resolves the
-    # same as the events did; compacting again changes nothing.
-    segments = list((tmp_path / "registry" / JOB / "index").glob("*.parquet"))
-    assert len(segments) == 1, segments
+    # Whichever run ended last checkpointed every commit of both, which resolves the same as the
+    # commits did; checkpointing again changes nothing.
+    assert_checkpointed(tmp_path / "registry" / JOB / "log")
     before = [m.to_dict() for m in reg.list(JOB, all_versions=True)]
     reg.compact(JOB)
     assert [m.to_dict() for m in Registry(str(tmp_path / "registry")).list(JOB, all_versions=True)] == before

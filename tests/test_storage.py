@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
-import time
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -104,75 +104,43 @@ def test_create_exclusive_one_winner_among_threads(store: Store) -> None:
     assert sorted(results) == [False] * 7 + [True]
 
 
-def test_lock_is_released(store: Store) -> None:
-    with store.lock("job/index.lock"):
-        assert store.exists("job/index.lock")
-    assert not store.exists("job/index.lock")
-    with store.lock("job/index.lock", timeout_s=1):  # can be taken again at once
-        pass
+def test_create_exclusive_empty_body_once(store: Store) -> None:
+    assert store.create_exclusive("e", b"") is True
+    assert store.create_exclusive("e", b"") is False
 
 
-def test_lock_released_on_error(store: Store) -> None:
-    with pytest.raises(RuntimeError), store.lock("l"):
-        raise RuntimeError("boom")
-    assert not store.exists("l")
+def test_create_exclusive_never_shows_a_partial_file(store: Store, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # The final name appears only once every byte is on disk (a hard link of a complete temporary
+    # file): a writer that dies while writing leaves no half-written commit under the final name.
+    seen: list[tuple[bool, bytes]] = []
+    real_link = os.link
+
+    def watching_link(src: str, dst: str, *args: object, **kwargs: object) -> None:
+        seen.append((os.path.exists(dst), Path(src).read_bytes()))
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", watching_link)
+    assert store.create_exclusive("c/commit", b"x" * 100_000) is True
+    assert seen == [(False, b"x" * 100_000)]  # complete before it got its name
+    assert all_files(tmp_path / "root") == ["c/commit"]  # no temporary file left behind
+    assert store.create_exclusive("c/commit", b"y") is False
+    assert all_files(tmp_path / "root") == ["c/commit"]
+    assert store.read_bytes("c/commit") == b"x" * 100_000
 
 
-def test_lock_times_out_while_held(store: Store) -> None:
-    with store.lock("l"):
-        with pytest.raises(StorageError, match="lock"), store.lock("l", timeout_s=0.2):
-            pass
-        assert store.exists("l")  # the waiter did not break a live lock
-    assert not store.exists("l")
+def test_check_exclusive_local(store: Store, tmp_path: Path) -> None:
+    store.check_exclusive()
+    assert all_files(tmp_path / "root") == []  # the probe is removed
 
 
-def test_second_lock_waits_for_first(store: Store) -> None:
-    events: list[str] = []
-    holding = threading.Event()
-    waiter_started = threading.Event()
-    errors: list[BaseException] = []
-
-    def first() -> None:
-        with store.lock("shared.lock"):
-            holding.set()
-            waiter_started.wait(5)
-            time.sleep(0.2)  # give the waiter time to try (and fail) to take the lock
-            events.append("first released")
-
-    def second() -> None:
-        try:
-            holding.wait(5)
-            waiter_started.set()
-            with store.lock("shared.lock", timeout_s=10):
-                events.append("second acquired")
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    t1, t2 = threading.Thread(target=first), threading.Thread(target=second)
-    t1.start()
-    t2.start()
-    t1.join(10)
-    t2.join(10)
-    assert not errors
-    assert events == ["first released", "second acquired"]
-    assert not store.exists("shared.lock")
-
-
-def test_stale_lock_is_broken(store: Store, tmp_path: Path) -> None:
-    store.write_bytes("job/index.lock", b"dead holder")
-    path = tmp_path / "root" / "job" / "index.lock"
-    old = time.time() - 3600
-    os.utime(path, (old, old))
-    with store.lock("job/index.lock", timeout_s=2, stale_s=60):
-        assert store.read_bytes("job/index.lock") != b"dead holder"
-    assert not store.exists("job/index.lock")
-
-
-def test_fresh_lock_is_not_broken(store: Store) -> None:
-    store.write_bytes("l", b"live holder")
-    with pytest.raises(StorageError), store.lock("l", timeout_s=0.2, stale_s=3600):
-        pass
-    assert store.read_bytes("l") == b"live holder"
+def test_filesystem_without_conditional_create_is_refused() -> None:
+    # fsspec's generic pipe_file(mode="create") is check-then-write: two writers can both "create".
+    store = Store(f"memory://mm-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(StorageError, match="cannot create objects exclusively"):
+        store.create_exclusive("k", b"1")
+    with pytest.raises(StorageError, match="cannot create objects exclusively"):
+        store.check_writable()
 
 
 def test_parquet_round_trip(store: Store) -> None:
