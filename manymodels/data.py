@@ -9,7 +9,9 @@ through pyarrow datasets on fsspec filesystems.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import re
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ __all__ = [
     "fingerprint_rows",
     "keep_wanted",
     "key_label",
+    "normalised_keys",
     "open_source",
     "plan_partitions",
     "read_partitions",
@@ -498,3 +501,85 @@ def fingerprint(frame: pd.DataFrame) -> str:
 def key_label(names: Sequence[str], key: Key) -> str:
     """A short human label of a partition key, e.g. ``station=stn-00001``."""
     return ",".join(f"{n}={v}" for n, v in zip(names, key, strict=True))
+
+
+_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+def _family(value: Any) -> str:
+    """A key value's type family as partition ids see it: number, bool or text (None: null)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, int | float) else "text"
+
+
+def _arrow_family(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_null(t):
+        return "null"
+    return "number" if pa.types.is_integer(t) or pa.types.is_floating(t) else "text"
+
+
+def normalised_keys(job: str, url: str, keys: Sequence[str], types: Sequence[pa.DataType],
+                     partitions: Sequence[Any], registry_partitions: pa.ChunkedArray | pa.Array
+                     ) -> list[tuple[Any, ...]] | None:
+    """The scoring keys in the registry's key types, where a key column's type family differs.
+
+    The registry tells ``"7"`` from ``7`` (the family is part of a partition's identity). When the
+    scoring data holds a key column in another family than every registered partition (integers in
+    a flat file, text from Hive folders), the values are converted where that is exact both ways:
+    digit strings without leading zeros ↔ integers. Anything else is an error naming the column, the
+    two types and the fix, never "no champion" for every row.
+
+    Returns:
+        The converted keys (one per partition, in order), or ``None`` when no column differs.
+
+    Raises:
+        InputError: the families differ and the values cannot be converted exactly.
+    """
+    texts = pc.unique(registry_partitions).to_pylist()
+    registered = json.loads("[" + ",".join(texts) + "]") if texts else []
+    out = [list(p.key) for p in partitions]
+    changed = False
+    for i, (name, dtype) in enumerate(zip(keys, types, strict=True)):
+        reg_values = [d.get(name) for d in registered]
+        reg_families = {_family(v) for v in reg_values} - {"null"}
+        data_family = _arrow_family(dtype)
+        if not reg_families or data_family == "null" or data_family in reg_families:
+            continue
+        reg_family = "/".join(sorted(reg_families))
+        where = (f"partition key {name!r} is {data_family} ({dtype}) in {url!r} but {reg_family} in the "
+                 f"registry of job {job!r}")
+        values = [k[i] for k in out]
+        if data_family == "text" and reg_families == {"number"}:
+            bad = next((v for v in values if v is not None and not (
+                isinstance(v, str) and _CANONICAL_INT.fullmatch(v))), None)
+            if bad is None:
+                for k in out:
+                    k[i] = None if k[i] is None else int(k[i])
+                changed = True
+                continue
+            raise InputError(f"{where}, and {bad!r} is not an integer's text (e.g. leading zeros): "
+                             f"set [data] key_types = {{ {name} = \"int64\" }} to read Hive folder values "
+                             f"as integers, as in training, or retrain with text keys")
+        if data_family == "number" and reg_families == {"text"}:
+            bad_reg = next((v for v in reg_values if v is not None and not _CANONICAL_INT.fullmatch(v)),
+                           None)
+            bad = next((v for v in values if v is not None and not float(v).is_integer()), None)
+            if bad_reg is None and bad is None:
+                for k in out:
+                    k[i] = None if k[i] is None else str(int(k[i]))
+                changed = True
+                continue
+            example = bad_reg if bad_reg is not None else bad
+            raise InputError(f"{where} (e.g. {example!r}), and integers cannot tell which text they "
+                             f"were: score data whose {name!r} column holds the same text as in training "
+                             f"(e.g. Hive folders or a string column), or retrain from this data")
+        raise InputError(f"{where}: score data whose {name!r} column has the type it had in training, "
+                         f"or retrain from this data")
+    return [tuple(k) for k in out] if changed else None

@@ -34,6 +34,7 @@ from manymodels.data import (
     Plan,
     Source,
     check_columns,
+    normalised_keys,
     open_source,
     plan_partitions,
     read_partitions,
@@ -250,88 +251,6 @@ def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
     return out
 
 
-_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
-
-
-def _family(value: Any) -> str:
-    """A key value's type family as partition ids see it: number, bool or text (None: null)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    return "number" if isinstance(value, int | float) else "text"
-
-
-def _arrow_family(t: pa.DataType) -> str:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_null(t):
-        return "null"
-    return "number" if pa.types.is_integer(t) or pa.types.is_floating(t) else "text"
-
-
-def _normalised_keys(job: str, url: str, keys: Sequence[str], types: Sequence[pa.DataType],
-                     partitions: Sequence[Any], registry_partitions: pa.ChunkedArray | pa.Array
-                     ) -> list[tuple[Any, ...]] | None:
-    """The scoring keys in the registry's key types, where a key column's type family differs.
-
-    The registry tells ``"7"`` from ``7`` (the family is part of a partition's identity). When the
-    scoring data holds a key column in another family than every registered partition (integers in
-    a flat file, text from Hive folders), the values are converted where that is exact both ways:
-    digit strings without leading zeros ↔ integers. Anything else is an error naming the column, the
-    two types and the fix, never "no champion" for every row.
-
-    Returns:
-        The converted keys (one per partition, in order), or ``None`` when no column differs.
-
-    Raises:
-        InputError: the families differ and the values cannot be converted exactly.
-    """
-    texts = pc.unique(registry_partitions).to_pylist()
-    registered = json.loads("[" + ",".join(texts) + "]") if texts else []
-    out = [list(p.key) for p in partitions]
-    changed = False
-    for i, (name, dtype) in enumerate(zip(keys, types, strict=True)):
-        reg_values = [d.get(name) for d in registered]
-        reg_families = {_family(v) for v in reg_values} - {"null"}
-        data_family = _arrow_family(dtype)
-        if not reg_families or data_family == "null" or data_family in reg_families:
-            continue
-        reg_family = "/".join(sorted(reg_families))
-        where = (f"partition key {name!r} is {data_family} ({dtype}) in {url!r} but {reg_family} in the "
-                 f"registry of job {job!r}")
-        values = [k[i] for k in out]
-        if data_family == "text" and reg_families == {"number"}:
-            bad = next((v for v in values if v is not None and not (
-                isinstance(v, str) and _CANONICAL_INT.fullmatch(v))), None)
-            if bad is None:
-                for k in out:
-                    k[i] = None if k[i] is None else int(k[i])
-                changed = True
-                continue
-            raise InputError(f"{where}, and {bad!r} is not an integer's text (e.g. leading zeros): "
-                             f"set [data] key_types = {{ {name} = \"int64\" }} to read Hive folder values "
-                             f"as integers, as in training, or retrain with text keys")
-        if data_family == "number" and reg_families == {"text"}:
-            bad_reg = next((v for v in reg_values if v is not None and not _CANONICAL_INT.fullmatch(v)),
-                           None)
-            bad = next((v for v in values if v is not None and not float(v).is_integer()), None)
-            if bad_reg is None and bad is None:
-                for k in out:
-                    k[i] = None if k[i] is None else str(int(k[i]))
-                changed = True
-                continue
-            example = bad_reg if bad_reg is not None else bad
-            raise InputError(f"{where} (e.g. {example!r}), and integers cannot tell which text they "
-                             f"were: score data whose {name!r} column holds the same text as in training "
-                             f"(e.g. Hive folders or a string column), or retrain from this data")
-        raise InputError(f"{where}: score data whose {name!r} column has the type it had in training, "
-                         f"or retrain from this data")
-    return [tuple(k) for k in out] if changed else None
-
-
 def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: Sequence[Any],
                 model_version: int | None, train_run: str | None,
                 types: Sequence[pa.DataType] | None = None, url: str = "") -> dict[str, ModelRef | str]:
@@ -340,7 +259,7 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
 
     ``types`` are the key columns' Arrow types in the scoring data: when no partition is found in
     the registry and a key column's type family differs from the registry's, keys are normalised
-    (or an error is raised) by :func:`_normalised_keys`.
+    (or an error is raised) by :func:`normalised_keys`.
     """
     job = spec.name
     everything = reg.live(job)  # every partition's champion and latest version (not the history)
@@ -362,7 +281,7 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
             pc.any(pc.is_in(pa.array(data_pids, pa.string()), value_set=pc.unique(everything.column("pid")))
                    ).as_py():
         # Nothing of this data is registered at all: a key type that differs from training's?
-        converted = _normalised_keys(job, url, keys, types, partitions, everything.column("partition"))
+        converted = normalised_keys(job, url, keys, types, partitions, everything.column("partition"))
         if converted is not None:
             lookup = [partition_id(keys, k) for k in converted]
     fallback = None

@@ -34,6 +34,7 @@ from manymodels.data import (
     check_columns,
     check_numeric,
     fingerprint_rows,
+    normalised_keys,
     open_source,
     plan_partitions,
     read_partitions,
@@ -411,12 +412,12 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     run_id = new_run_id("train")
     state = reg.state(job)
     planned = []
-    for p in plan.partitions:
-        pid = partition_id(keys, p.key)
+    for p, rkey in zip(plan.partitions, _registry_keys(job, source, plan, state), strict=True):
+        pid = partition_id(keys, rkey)
         st = state.get(pid)
         champ, latest = (st["champion"], st["latest"]) if st else (None, None)
         planned.append(PlannedPartition(
-            key=p.key, pid=pid, partition=encode_partition(keys, p.key), rows=p.rows,
+            key=p.key, pid=pid, partition=encode_partition(keys, rkey), rows=p.rows,
             champion_key=champ["model_key"] if champ else None,
             latest_fingerprint=latest["fingerprint"] if latest else None,
             latest_spec_hash=latest["spec_hash"] if latest else None, files=p.files,
@@ -490,6 +491,24 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
             Held(cpus=reserved_cpu_s / wall, gpus=reserved_gpu_s / wall))
     record["global_model"] = global_info
     return _finish(reg, spec, run_id, record, outcomes, versions, sorted(nodes), held, wall)
+
+
+def _registry_keys(job: str, source: Source, plan: Plan, state: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """Each planned partition's key as the registry knows it.
+
+    The data's own keys, unless none of them is registered while the registry holds partitions and
+    a key column's type family differs from the registry's (text Hive folders for a job trained on
+    integer keys): then the keys are converted where that is exact, or the run stops with a clear
+    error (:func:`~manymodels.data.normalised_keys`), instead of silently starting every
+    partition over under a new identity.
+    """
+    own = [p.key for p in plan.partitions]
+    registered = [st["latest"]["partition"] for pid, st in state.items() if pid != GLOBAL_PID]
+    if not registered or any(partition_id(plan.keys, k) in state for k in own):
+        return own
+    converted = normalised_keys(job, source.url, plan.keys, [source.schema.field(k).type for k in plan.keys],
+                                plan.partitions, pa.array(registered, pa.string()))
+    return own if converted is None else converted
 
 
 class _Measured(Protocol):

@@ -862,28 +862,27 @@ def test_integer_trained_keys_scored_from_zero_padded_folders_exits_2(int_keys: 
     _scored(s, 3 * AHEAD, 3)
 
 
-def test_normalised_keys_rules() -> None:
+def testnormalised_keys_rules() -> None:
     """Exact conversions only: canonical digit strings ↔ integers; anything else names the column."""
     from types import SimpleNamespace
 
-    from manymodels.data import InputError
-    from manymodels.score import _normalised_keys
+    from manymodels.data import InputError, normalised_keys
 
     def parts(*keys: tuple[Any, ...]) -> list[Any]:
         return [SimpleNamespace(key=k) for k in keys]
 
     ints = pa.array(['{"s":1,"d":"a"}', '{"s":2,"d":"a"}', '{"s":null,"d":"b"}'])
     names, types = ["s", "d"], [pa.string(), pa.string()]
-    assert _normalised_keys("j", "u", names, types, parts(("1", "a"), (None, "b")), ints) == [(1, "a"),
+    assert normalised_keys("j", "u", names, types, parts(("1", "a"), (None, "b")), ints) == [(1, "a"),
                                                                                              (None, "b")]
-    assert _normalised_keys("j", "u", names, [pa.int64(), pa.string()], parts((1, "a")), ints) is None
+    assert normalised_keys("j", "u", names, [pa.int64(), pa.string()], parts((1, "a")), ints) is None
     with pytest.raises(InputError, match=r"'s' is text \(string\) in 'u' but number .*'01'.*key_types"):
-        _normalised_keys("j", "u", names, types, parts(("01", "a")), ints)
+        normalised_keys("j", "u", names, types, parts(("01", "a")), ints)
     with pytest.raises(InputError, match=r"'s' is text \(date32\[day\]\)"):
-        _normalised_keys("j", "u", names, [pa.date32(), pa.string()], parts((dt.date(2026, 1, 1), "a")), ints)
+        normalised_keys("j", "u", names, [pa.date32(), pa.string()], parts((dt.date(2026, 1, 1), "a")), ints)
     texts = pa.array(['{"s":"7"}', '{"s":"12"}'])
-    assert _normalised_keys("j", "u", ["s"], [pa.int32()], parts((7,), (12,)), texts) == [("7",), ("12",)]
+    assert normalised_keys("j", "u", ["s"], [pa.int32()], parts((7,), (12,)), texts) == [("7",), ("12",)]
     with pytest.raises(InputError, match=r"'s' is number \(double\).*1\.5"):
-        _normalised_keys("j", "u", ["s"], [pa.float64()], parts((1.5,),), texts)
+        normalised_keys("j", "u", ["s"], [pa.float64()], parts((1.5,),), texts)
     with pytest.raises(InputError, match=r"'s' is bool \(bool\) in 'u' but text"):
-        _normalised_keys("j", "u", ["s"], [pa.bool_()], parts((True,),), texts)
+        normalised_keys("j", "u", ["s"], [pa.bool_()], parts((True,),), texts)

@@ -395,3 +395,35 @@ def test_text_time_column_is_rejected_before_anything_is_written(make_spec: Any,
     with pytest.raises(InputError, match=r"^column 'ts' \(time_column\) must be a date/time or a number"):
         manymodels.train(spec)
     assert not registry.exists()
+
+
+def test_text_keys_continue_a_job_trained_on_integer_keys(ray_session: None, make_spec: Any, tmp_path: Path
+                                                          ) -> None:
+    """A job trained with integer station ids, retrained from Hive folders (whose values are text):
+    the same partitions get version 2, not a second set of partitions; zero-padded folder values,
+    which no integer gives back, stop the run before anything is written."""
+    ids = {"stn-00000": 1, "stn-00001": 2, "stn-00002": 3}
+    rows = make_transit(3, 24 * 5)
+    flat = tmp_path / "ints.parquet"
+    pq.write_table(pa.Table.from_pandas(rows.assign(station=rows["station"].map(ids)), preserve_index=False),
+                   flat)
+    spec = make_spec(flat, tmp_path / "registry")
+    assert manymodels.train(spec).trained == 3
+    hive = tmp_path / "hive"
+    for sid, n in ids.items():
+        part = hive / f"station={n}"
+        part.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pandas(rows[rows["station"] == sid].drop(columns="station"),
+                                            preserve_index=False), part / "part-0.parquet")
+    again = manymodels.train(make_spec(hive, tmp_path / "registry"), force=True)
+    assert (again.total, again.trained) == (3, 3)
+    reg = Registry(str(tmp_path / "registry"))
+    versions = Counter((json.dumps(m.partition), m.version) for m in reg.list(JOB, all_versions=True))
+    assert sorted(versions) == sorted((json.dumps({"station": n}), v) for n in (1, 2, 3) for v in (1, 2))
+
+    padded = tmp_path / "padded"
+    shutil.copytree(hive / "station=1", padded / "station=01")
+    runs = len(reg.runs(JOB))
+    with pytest.raises(InputError, match=r"'station' is text .* but number in the registry"):
+        manymodels.train(make_spec(padded, tmp_path / "registry"))
+    assert len(reg.runs(JOB)) == runs
