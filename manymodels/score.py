@@ -411,7 +411,6 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         "data": source.url, "output": scores.uri(spec.name), "registry": reg.url,
         "environment": environment(), "model_version": model_version, "train_run": train_run,
         "driver": process_identity()}
-    reg.write_run(spec.name, run_id, record)
     ctx = ScoreContext(spec=spec, source=source, keys=keys, columns=None, keep=tuple(keep),
                        registry_url=reg.url, staging_url=staging_url, run_id=run_id,
                        scored_at=utc_now())
@@ -420,6 +419,8 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     nodes: set[str] = set()
     reserved_cpu_s = reserved_gpu_s = 0.0
     with Engine(address, num_cpus=num_cpus) as engine:
+        # Only once Ray is up: a Ray that cannot be started or joined leaves no "running" record.
+        reg.write_run(spec.name, run_id, record)
         cluster = engine.resources()
         slots = cluster.get("CPU", 1.0)
         # Scoring a row is far cheaper than training on it: bigger chunks, fewer model-cache misses.

@@ -401,7 +401,6 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
         "spec_hash": shash, "data": source.url, "registry": reg.url, "environment": environment(),
         "partitions": {"total": len(planned)}, "device": device_note, "driver": process_identity()}
-    reg.write_run(job, run_id, record)
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     ctx = TrainContext(spec=spec, source=source, keys=keys, registry_url=reg.url, run_id=run_id,
@@ -411,6 +410,8 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     nodes: set[str] = set()
     reserved_cpu_s = reserved_gpu_s = 0.0
     with Engine(address, num_cpus=num_cpus) as engine:
+        # Only once Ray is up: a Ray that cannot be started or joined leaves no "running" record.
+        reg.write_run(job, run_id, record)
         cluster = engine.resources()
         slots = max(1, int(cluster.get("CPU", 1)))
         engine.warm_up(min(slots, len(planned)))
