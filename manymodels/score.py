@@ -292,6 +292,25 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
     return out
 
 
+def _check_rerun(reg: Registry, job: str, run_id: str) -> None:
+    """A ``--run-id`` names a new run or an earlier score run of this job, never another run.
+
+    Its record would otherwise replace a train run's (or another job's) record under the same id.
+    """
+    for key in reg.store.glob(f"*/runs/{run_id}/run.json"):
+        owner = key.split("/", 1)[0]
+        try:
+            kind = json.loads(reg.store.read_bytes(key)).get("kind")
+        except (FileNotFoundError, ValueError, AttributeError):
+            kind = None
+        if owner != job:
+            raise SpecError(f"--run-id {run_id!r} is a run of job {owner!r} in {reg.url}, not of job "
+                            f"{job!r}: choose another run id")
+        if kind != "score":
+            raise SpecError(f"--run-id {run_id!r} is a {kind or 'unknown'} run of job {job!r} in "
+                            f"{reg.url}, not a score run: choose another run id")
+
+
 def _publish(staging: Store, final_url: str) -> None:
     """Move the staged run folder to its final place: one rename (an atomic swap on re-runs)."""
     final = Store(final_url)
@@ -385,6 +404,8 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     if not plan.partitions:
         raise InputError("no partition matches --only" if only else f"{source.url!r} has no partitions")
     reg = Registry(spec.output.registry)
+    if run_id is not None:
+        _check_rerun(reg, spec.name, run_id)
     if not reg.store.exists(f"{spec.name}/index"):  # pinned or not: nothing can score
         raise InputError(f"the registry {reg.url} has no models of job {spec.name!r}: train it first")
     refs = _model_refs(reg, spec, plan.keys, plan.partitions, model_version, train_run)

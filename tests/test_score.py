@@ -8,6 +8,7 @@ categoricals), and the output is read back with pyarrow, DuckDB and polars.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import importlib.util
 import json
@@ -697,3 +698,32 @@ def test_only_scores_selected_partitions(trained: tuple[JobSpec, RunSummary], da
     assert (s.input_rows, s.scored_rows, s.partitions_scored) == (2 * AHEAD, AHEAD, 1)
     assert s.unscored == [{"partition": {"station": "stn-00009"}, "rows": AHEAD, "reason": "no champion"}]
     assert set(_read(out).column("station").to_pylist()) == {"stn-00001"}
+
+
+def test_run_id_of_another_run_kind_or_job_is_refused(trained: tuple[JobSpec, RunSummary],
+                                                      data: dict[str, Path], make_spec: Any,
+                                                      tmp_path: Path) -> None:
+    """``--run-id`` may re-run a score run of the same job; naming a train run, or a run of another
+    job, is exit 2 before anything is written (it would replace that run's record)."""
+    spec, train_summary = trained
+    reg = Registry(spec.output.registry)
+    out = tmp_path / "scores"
+    train_record, _ = reg.run(train_summary.run_id)
+    with pytest.raises(manymodels.SpecError, match="train run"):
+        score(spec, data=str(data["next"]), output=str(out), run_id=train_summary.run_id)
+    assert reg.run(train_summary.run_id)[0] == train_record  # untouched
+    result = runner.invoke(app, ["score", "--job", str(spec.path), "--data", str(data["next"]),
+                                 "--registry", spec.output.registry, "--output", str(out),
+                                 "--run-id", train_summary.run_id])
+    assert result.exit_code == 2 and "train run" in result.stderr, result.stderr
+    assert not out.exists()
+
+    first = score(spec, data=str(data["next"]), output=str(out), run_id="nightly-a")
+    again = score(spec, data=str(data["next"]), output=str(out), run_id="nightly-a")  # a re-run: fine
+    assert first.run_id == again.run_id == "nightly-a"
+    other = dataclasses.replace(spec, job=dataclasses.replace(spec.job, name="other-job"))
+    with pytest.raises(manymodels.SpecError, match="job 'transit-delays'"):
+        score(other, data=str(data["next"]), output=str(out), run_id="nightly-a")
+    assert not (out / "other-job").exists()
+    record, _ = reg.run("nightly-a")
+    assert (record["job"], record["kind"], record["status"]) == (JOB, "score", "succeeded")
