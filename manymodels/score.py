@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import importlib.util
 import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,7 +314,14 @@ def _check_rerun(reg: Registry, job: str, run_id: str) -> None:
 
 
 def _publish(staging: Store, final_url: str) -> None:
-    """Move the staged run folder to its final place: one rename (an atomic swap on re-runs)."""
+    """Move the staged run folder to its final place (``output.format = "parquet"``).
+
+    Local filesystems: one rename, an atomic swap on re-runs. Object stores have no rename: each
+    staged object is copied server-side (S3 CopyObject; the bytes never pass through the driver),
+    then objects the new run does not have are deleted. Each object appears atomically, but a new
+    run's objects appear one by one: readers that must never see part of a run filter on finished
+    run ids (``manymodels runs list --json``) or use ``output.format = "delta"``.
+    """
     final = Store(final_url)
     if staging.local:
         os.makedirs(os.path.dirname(final.root), exist_ok=True)
@@ -327,17 +336,82 @@ def _publish(staging: Store, final_url: str) -> None:
         os.rename(staging.root, final.root)
         _remove_tree(old)
         return
-    # Object stores have no rename: copy each object, then drop stale ones (documented caveat:
-    # a reader listing during the copy of a re-run can see old and new files of that run).
-    new = set()
-    for key in staging.list(""):
-        name = key.rsplit("/", 1)[-1]
-        final.write_bytes(name, staging.read_bytes(key))
-        new.add(name)
+    names = [key.rsplit("/", 1)[-1] for key in staging.list("")]
+    try:
+        if names:  # one call: the filesystem runs the copies concurrently
+            staging.fs.copy([staging.path(n) for n in names], [final.path(n) for n in names])
+    except OSError as exc:
+        raise StorageError(f"cannot copy the staged scores {staging.url} to {final.url}: {exc}") from exc
     for key in final.list(""):
-        if key.rsplit("/", 1)[-1] not in new:
+        if key.rsplit("/", 1)[-1] not in names:
             final.delete(key)
     staging.delete("", recursive=True)
+
+
+DELTA_PARTITION = "score_run_id"
+
+
+def _delta_options(url: str) -> dict[str, str]:
+    """Storage options for delta-rs: it reads the AWS variables itself, but refuses plain-HTTP
+    endpoints (a local S3-compatible server) unless told."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    return {"AWS_ALLOW_HTTP": "true"} if url.startswith("s3") and endpoint.startswith("http://") else {}
+
+
+def _publish_delta(staging: Store, table: Store, run_id: str) -> None:
+    """Commit the staged files as the rows of ``run_id`` in the job's Delta table
+    (``output.format = "delta"``), replacing that run's earlier rows, in one atomic commit.
+
+    The workers wrote the files inside the table's folder (``score_run_id=<run>/<attempt>/``), where
+    they are invisible until a commit names them, so nothing is copied. The commit is an overwrite
+    of the ``score_run_id = <run>`` partition: readers see the old rows of that run or the new ones,
+    never a mix, and other runs are untouched. Files of replaced or failed runs stay on storage until
+    ``DeltaTable.vacuum``.
+    """
+    import json as _json
+
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable, Schema
+    from deltalake.exceptions import DeltaError, TableNotFoundError
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    options = _delta_options(table.url)
+    uri = table.uri("")
+    root = table.root.rstrip("/") + "/"
+    adds: list[Any] = []
+    schema: pa.Schema | None = None
+    now_ms = int(time.time() * 1000)
+    try:
+        for key in staging.glob("*.parquet"):
+            path = staging.path(key)
+            with staging.fs.open(path, "rb") as f:
+                meta = pq.read_metadata(f)  # the footer only
+            if schema is None:
+                schema = meta.schema.to_arrow_schema().remove_metadata()
+            adds.append(AddAction(path=path[len(root):], size=int(staging.fs.size(path)),
+                                  partition_values={DELTA_PARTITION: run_id}, modification_time=now_ms,
+                                  data_change=True, stats=_json.dumps({"numRecords": meta.num_rows})))
+    except OSError as exc:
+        raise StorageError(f"cannot read the staged scores in {staging.url}: {exc}") from exc
+    for _attempt in range(5):
+        try:
+            dt_ = DeltaTable(uri, storage_options=options or None)
+        except TableNotFoundError:
+            if schema is None:
+                return  # no table and nothing scored: nothing to show
+            try:
+                create_table_with_add_actions(
+                    uri, Schema.from_arrow(schema.append(pa.field(DELTA_PARTITION, pa.string()))), adds,
+                    mode="error", partition_by=[DELTA_PARTITION], storage_options=options or None)
+                return
+            except DeltaError:
+                continue  # another run created the table first: commit to it
+        full = (schema.append(pa.field(DELTA_PARTITION, pa.string())) if schema is not None
+                else dt_.schema())
+        dt_.create_write_transaction(adds, mode="overwrite", schema=full, partition_by=[DELTA_PARTITION],
+                                     partition_filters=[(DELTA_PARTITION, "=", run_id)])
+        return
+    raise StorageError(f"cannot commit score run {run_id} to the Delta table {uri}")
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -397,6 +471,9 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     if run_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]*[A-Za-z][A-Za-z0-9_-]*", run_id):
         raise SpecError(f"--run-id {run_id!r} must be letters, digits, '-' and '_', with at least one letter")
     check_prepare(spec)
+    if spec.output.format == "delta" and importlib.util.find_spec("deltalake") is None:
+        raise SpecError('output.format = "delta" needs the deltalake package: '
+                        'pip install "manymodels[delta]"')
     source = open_source(spec.data.source, spec.data.format)
     d = spec.data
     check_columns(source, {"partition_by": d.partition_by, "score.passthrough": spec.score.passthrough})
@@ -424,8 +501,12 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         planned.append(ScorePartition(key=p.key, partition=encode_partition(keys, p.key), rows=p.rows,
                                       model=ref if isinstance(ref, ModelRef) else None,
                                       reason=ref if isinstance(ref, str) else "", files=p.files))
-    final_url = scores.uri(f"{spec.name}/score_run_id={run_id}")
-    staging_url = scores.uri(f".staging/{spec.name}/{run_id}-{os.getpid()}")
+    delta = spec.output.format == "delta"
+    final_url = scores.uri(spec.name if delta else f"{spec.name}/score_run_id={run_id}")
+    # Delta: staged inside the table (invisible until committed), in a folder of this attempt alone,
+    # so a re-run never overwrites the files the current version of the run is read from.
+    staging_url = scores.uri(f"{spec.name}/{DELTA_PARTITION}={run_id}/attempt-{uuid.uuid4().hex}" if delta
+                             else f".staging/{spec.name}/{run_id}-{os.getpid()}")
     record: dict[str, Any] = {
         "run_id": run_id, "job": spec.name, "kind": "score", "status": "running",
         "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
@@ -480,10 +561,13 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
                 bar.update(len(outcomes), unscored)
         embedded = engine.embedded
     staging = Store(staging_url)
-    if staging.local:
+    if delta:
+        _publish_delta(staging, Store(final_url), run_id)
+    elif staging.local:
         os.makedirs(staging.root, exist_ok=True)  # a run that scored nothing still replaces old rows
-    _publish(staging, final_url)
-    if staging.local:
+    if not delta:
+        _publish(staging, final_url)
+    if staging.local and not delta:
         with contextlib.suppress(OSError):  # the job's staging folder, if no other run uses it now
             os.rmdir(os.path.dirname(staging.root))
             os.rmdir(os.path.dirname(os.path.dirname(staging.root)))

@@ -727,3 +727,84 @@ def test_run_id_of_another_run_kind_or_job_is_refused(trained: tuple[JobSpec, Ru
     assert not (out / "other-job").exists()
     record, _ = reg.run("nightly-a")
     assert (record["job"], record["kind"], record["status"]) == (JOB, "score", "succeeded")
+
+
+# ----------------------------------------------------------------------------- 9. publishing
+
+
+def test_s3_publish_copies_server_side(trained: tuple[JobSpec, RunSummary], data: dict[str, Path],
+                                       s3_endpoint: str | None) -> None:
+    """On an object store the staged files reach the run's folder by server-side copies (S3
+    CopyObject): the driver never downloads them. Counted on the driver's own S3 client."""
+    if s3_endpoint is None:
+        pytest.skip("needs moto[server] and s3fs")
+    import uuid
+
+    spec, _ = trained
+    fs = fsspec.filesystem("s3")  # the instance the driver's Store gets (fsspec caches it)
+    bucket = f"mm-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    calls: list[tuple[str, str]] = []
+
+    def record(params: dict[str, Any], model: Any, **_: Any) -> None:
+        source = params.get("CopySource")
+        key = source["Key"] if isinstance(source, dict) else str(params.get("Key", ""))
+        calls.append((model.name, key))
+
+    fs.ls(bucket)  # connects: the client exists from here on
+    fs.s3.meta.events.register("provide-client-params.s3.*", record)
+    try:
+        s = score(spec, data=str(data["next"]), output=f"s3://{bucket}/scores", run_id="on-s3")
+        again = score(spec, data=str(data["next"]), output=f"s3://{bucket}/scores", run_id="on-s3")
+    finally:
+        fs.s3.meta.events.unregister("provide-client-params.s3.*", record)
+    _scored(s, N * AHEAD, N)
+    _scored(again, N * AHEAD, N)
+    staged = [(op, key) for op, key in calls if "/.staging/" in f"/{key}"]
+    copies = [key for op, key in staged if op == "CopyObject"]
+    assert copies and not [op for op, _ in staged if op == "GetObject"], staged
+    fs.invalidate_cache()
+    final = fs.find(f"{bucket}/scores/{JOB}/score_run_id=on-s3")
+    assert len(copies) == 2 * len(final)  # every staged file copied once per run, none downloaded
+    table = ds.dataset(f"{bucket}/scores/{JOB}", filesystem=fs, partitioning="hive").to_table()
+    assert table.num_rows == N * AHEAD  # the re-run replaced its rows
+    assert fs.find(f"{bucket}/scores/.staging") == []
+
+
+def test_delta_output_commits_each_run_atomically(trained: tuple[JobSpec, RunSummary],
+                                                  data: dict[str, Path], make_spec: Any,
+                                                  main_scores: tuple[Path, ScoreSummary, Any, Any],
+                                                  tmp_path: Path) -> None:
+    """``output.format = "delta"``: each score run is one Delta commit of the job's table; a re-run
+    of a run id replaces that run's rows (not doubled), other runs stay; polars, DuckDB (through
+    deltalake's Arrow dataset) and pyarrow read the same columns as the Parquet output."""
+    deltalake = pytest.importorskip("deltalake")
+    spec, _ = trained
+    dspec = make_spec(data["history"], spec.output.registry, output={"format": "delta"})
+    out = tmp_path / "scores"
+    first = score(dspec, data=str(data["next"]), output=str(out), run_id="nightly-delta")
+    other = score(dspec, data=str(data["next"]), output=str(out))
+    again = score(dspec, data=str(data["next"]), output=str(out), run_id="nightly-delta")
+    for s in (first, other, again):
+        _scored(s, N * AHEAD, N)
+        assert s.output == str(out / JOB)
+    table = deltalake.DeltaTable(str(out / JOB))
+    assert table.version() == 2  # one commit per run
+    rows = table.to_pyarrow_table()
+    assert set(rows.column_names) == OUTPUT_COLUMNS
+    assert Counter(rows.column("score_run_id").to_pylist()) == {"nightly-delta": N * AHEAD,
+                                                                 other.run_id: N * AHEAD}
+    # The re-run's rows replaced the first run's (newer scored_at), with the same predictions as the
+    # Parquet output of the same rows.
+    df = rows.to_pandas()
+    nightly = df[df["score_run_id"] == "nightly-delta"].set_index("trip_id").sort_index()
+    v0 = deltalake.DeltaTable(str(out / JOB), version=0).to_pyarrow_table().to_pandas()
+    assert len(v0) == N * AHEAD and nightly["scored_at"].min() > v0["scored_at"].max()
+    parquet_out, parquet_run, _, _ = main_scores
+    reference = _run_rows(parquet_out, parquet_run.run_id).set_index("trip_id").sort_index()
+    np.testing.assert_allclose(nightly["prediction"].to_numpy(), reference["prediction"].to_numpy())
+    assert pl.read_delta(str(out / JOB)).filter(pl.col("score_run_id") == "nightly-delta").height == N * AHEAD
+    con = duckdb.connect()
+    con.register("scores", table.to_pyarrow_dataset())
+    counts = con.sql("select score_run_id, count(*) from scores group by 1").fetchall()
+    assert sorted(counts) == sorted([("nightly-delta", N * AHEAD), (other.run_id, N * AHEAD)])
