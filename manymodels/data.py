@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
 
 from manymodels.storage import url_to_fs
 
@@ -68,7 +70,7 @@ class Source:
 
     def dataset(self, files: Sequence[str] | None = None) -> ds.Dataset:
         """Open the dataset (or only ``files`` of it) with the planned schema."""
-        fs, _ = url_to_fs(self.url)
+        fs = _arrow_fs(url_to_fs(self.url)[0])
         partitioning = None
         if self.hive_fields:
             fields = [pa.field(n, self.schema.field(n).type) for n, _ in self.hive_fields]
@@ -99,6 +101,13 @@ class Plan:
     keys: tuple[str, ...]
     partitions: tuple[Partition, ...]
     total_rows: int = field(default=0)
+
+
+def _arrow_fs(fs: Any) -> Any:
+    """pyarrow's own filesystem for local paths: its I/O threads then never call back into Python
+    (an fsspec filesystem is wrapped in a Python handler, and a read-ahead thread that needs the GIL
+    while the interpreter exits aborts the process)."""
+    return pafs.LocalFileSystem() if isinstance(fs, LocalFileSystem) else fs
 
 
 def _file_format(fmt: str) -> ds.FileFormat:
@@ -144,7 +153,7 @@ def open_source(url: str, fmt: str = "auto") -> Source:
         data_files = found
     base = path if fs.isdir(path) else path.rsplit("/", 1)[0]
     try:
-        dataset = ds.dataset(data_files, filesystem=fs, format=_file_format(fmt),
+        dataset = ds.dataset(data_files, filesystem=_arrow_fs(fs), format=_file_format(fmt),
                              partitioning="hive", partition_base_dir=base)
         schema = dataset.schema
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
@@ -215,20 +224,23 @@ def plan_partitions(source: Source, keys: Sequence[str],
         # string per row.
         scanner = source.dataset().scanner(columns=[*keys, "__fragment_index"], use_threads=True,
                                            batch_readahead=2, fragment_readahead=2)
-        for batch in scanner.to_batches():
-            if batch.num_rows == 0:
-                continue
-            total += batch.num_rows
-            counts = pa.Table.from_batches([batch]).group_by(
-                [*keys, "__fragment_index"], use_threads=False).aggregate([([], "count_all")])
-            key_cols = [counts.column(k).to_pylist() for k in keys]
-            files = counts.column("__fragment_index").to_pylist()
-            rows = counts.column("count_all").to_pylist()
-            for i, file in enumerate(files):
-                key = tuple(_canon(col[i]) for col in key_cols)
-                n, fl = merged.get(key, (0, []))
-                fl.append(file)
-                merged[key] = (n + rows[i], fl)
+        # A reader closed on every exit (an error, an early return): a scan left open keeps read-ahead
+        # work alive until the interpreter exits, where it can abort the process (SIGABRT).
+        with scanner.to_reader() as reader:
+            for batch in reader:
+                if batch.num_rows == 0:
+                    continue
+                total += batch.num_rows
+                counts = pa.Table.from_batches([batch]).group_by(
+                    [*keys, "__fragment_index"], use_threads=False).aggregate([([], "count_all")])
+                key_cols = [counts.column(k).to_pylist() for k in keys]
+                files = counts.column("__fragment_index").to_pylist()
+                rows = counts.column("count_all").to_pylist()
+                for i, file in enumerate(files):
+                    key = tuple(_canon(col[i]) for col in key_cols)
+                    n, fl = merged.get(key, (0, []))
+                    fl.append(file)
+                    merged[key] = (n + rows[i], fl)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise InputError(f"cannot read {source.url!r}: {_first_line(exc)}") from None
     if total == 0:

@@ -151,8 +151,14 @@ class Store:
         self.write_bytes(key, buf.getvalue())
 
     def read_parquet(self, key: str) -> pa.Table:
-        """Read one Parquet object written by :meth:`write_parquet`."""
-        return pq.read_table(io.BytesIO(self.read_bytes(key)))
+        """Read one Parquet object written by :meth:`write_parquet`.
+
+        ``ParquetFile.read`` reads synchronously; ``pq.read_table`` scans through a dataset whose
+        read-ahead threads can outlive the call, and one still holding this Python buffer when the
+        interpreter exits takes the GIL there and aborts the process (SIGABRT, exit 134).
+        """
+        with pq.ParquetFile(pa.BufferReader(self.read_bytes(key))) as f:
+            return f.read()
 
     def check_writable(self) -> None:
         """Fail early (before any work) when the root cannot be written."""
