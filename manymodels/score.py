@@ -376,7 +376,7 @@ def _publish_delta(staging: Store, table: Store, run_id: str) -> None:
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
     options = _delta_options(table.url)
-    uri = table.uri("")
+    uri = table.uri("").rstrip("/")
     root = table.root.rstrip("/") + "/"
     adds: list[Any] = []
     schema: pa.Schema | None = None
@@ -408,8 +408,13 @@ def _publish_delta(staging: Store, table: Store, run_id: str) -> None:
                 continue  # another run created the table first: commit to it
         full = (schema.append(pa.field(DELTA_PARTITION, pa.string())) if schema is not None
                 else dt_.schema())
-        dt_.create_write_transaction(adds, mode="overwrite", schema=full, partition_by=[DELTA_PARTITION],
-                                     partition_filters=[(DELTA_PARTITION, "=", run_id)])
+        try:
+            dt_.create_write_transaction(adds, mode="overwrite", schema=full,
+                                         partition_by=[DELTA_PARTITION],
+                                         partition_filters=[(DELTA_PARTITION, "=", run_id)])
+        except DeltaError as exc:  # e.g. this run's columns differ from the table's
+            raise StorageError(f"cannot commit score run {run_id} to the Delta table {uri}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
         return
     raise StorageError(f"cannot commit score run {run_id} to the Delta table {uri}")
 
