@@ -4,10 +4,13 @@ The driver plans partitions from the key columns (the same planning and packing 
 up each partition's model in the registry index (its champion, a pinned version, or the version a
 given train run produced) and fans chunks out on Ray. Each task reads its rows, runs the job's
 ``prepare`` exactly as in training, predicts, and writes one Parquet file into a staging folder. When
-every task is done the run's folder is published in one rename, so readers see all of a run or
-none of it, and a re-run of the same run id swaps its rows atomically.
+every task is done the run is published: on a local filesystem in one rename, so readers see all of
+a run or none of it, and a re-run of the same run id swaps its rows atomically; on an object store
+by server-side copies (each file atomic, the run's files one by one); with ``output.format =
+"delta"`` in one Delta Lake commit on any store.
 
-Output: ``<output.scores>/<job>/score_run_id=<run id>/part-<chunk>.parquet``.
+Output: ``<output.scores>/<job>/score_run_id=<run id>/part-<chunk>.parquet`` (a Delta table rooted at
+``<output.scores>/<job>`` with ``output.format = "delta"``, partitioned by ``score_run_id``).
 """
 
 from __future__ import annotations
