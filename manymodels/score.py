@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from manymodels.cost import Held, JobCost, job_cost, partition_cost
 from manymodels.data import (
@@ -371,9 +372,6 @@ def _publish_delta(staging: Store, table: Store, run_id: str) -> None:
     never a mix, and other runs are untouched. Files of replaced or failed runs stay on storage until
     ``DeltaTable.vacuum``.
     """
-    import json as _json
-
-    import pyarrow.parquet as pq
     from deltalake import DeltaTable, Schema
     from deltalake.exceptions import DeltaError, TableNotFoundError
     from deltalake.transaction import AddAction, create_table_with_add_actions
@@ -393,7 +391,7 @@ def _publish_delta(staging: Store, table: Store, run_id: str) -> None:
                 schema = meta.schema.to_arrow_schema().remove_metadata()
             adds.append(AddAction(path=path[len(root):], size=int(staging.fs.size(path)),
                                   partition_values={DELTA_PARTITION: run_id}, modification_time=now_ms,
-                                  data_change=True, stats=_json.dumps({"numRecords": meta.num_rows})))
+                                  data_change=True, stats=json.dumps({"numRecords": meta.num_rows})))
     except OSError as exc:
         raise StorageError(f"cannot read the staged scores in {staging.url}: {exc}") from exc
     for _attempt in range(5):
@@ -571,14 +569,14 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     staging = Store(staging_url)
     if delta:
         _publish_delta(staging, Store(final_url), run_id)
-    elif staging.local:
-        os.makedirs(staging.root, exist_ok=True)  # a run that scored nothing still replaces old rows
-    if not delta:
+    else:
+        if staging.local:
+            os.makedirs(staging.root, exist_ok=True)  # a run that scored nothing still replaces old rows
         _publish(staging, final_url)
-    if staging.local and not delta:
-        with contextlib.suppress(OSError):  # the job's staging folder, if no other run uses it now
-            os.rmdir(os.path.dirname(staging.root))
-            os.rmdir(os.path.dirname(os.path.dirname(staging.root)))
+        if staging.local:
+            with contextlib.suppress(OSError):  # the job's staging folder, if no other run uses it now
+                os.rmdir(os.path.dirname(staging.root))
+                os.rmdir(os.path.dirname(os.path.dirname(staging.root)))
     wall = time.perf_counter() - started
     held = (_held_embedded(cluster) if embedded else
             Held(cpus=reserved_cpu_s / wall, gpus=reserved_gpu_s / wall))
