@@ -798,6 +798,10 @@ def test_delta_output_commits_each_run_atomically(trained: tuple[JobSpec, RunSum
     # Parquet output of the same rows.
     df = rows.to_pandas()
     nightly = df[df["score_run_id"] == "nightly-delta"].set_index("trip_id").sort_index()
+    # A reader reads one table version; no version holds part of a run: each has 0 or all its rows.
+    for version in range(table.version() + 1):
+        snapshot = deltalake.DeltaTable(str(out / JOB), version=version).to_pyarrow_table()
+        assert set(Counter(snapshot.column("score_run_id").to_pylist()).values()) == {N * AHEAD}, version
     v0 = deltalake.DeltaTable(str(out / JOB), version=0).to_pyarrow_table().to_pandas()
     assert len(v0) == N * AHEAD and nightly["scored_at"].min() > v0["scored_at"].max()
     parquet_out, parquet_run, _, _ = main_scores
