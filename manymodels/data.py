@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
 
 from manymodels.storage import url_to_fs
 
@@ -78,7 +80,7 @@ class Source:
 
     def dataset(self, files: Sequence[str] | None = None) -> ds.Dataset:
         """Open the dataset (or only ``files`` of it) with the planned schema."""
-        fs, _ = url_to_fs(self.url)
+        fs = _arrow_fs(url_to_fs(self.url)[0])
         partitioning = None
         if self.hive_fields:
             fields = [pa.field(n, self.schema.field(n).type) for n, _ in self.hive_fields]
@@ -109,6 +111,13 @@ class Plan:
     keys: tuple[str, ...]
     partitions: tuple[Partition, ...]
     total_rows: int = field(default=0)
+
+
+def _arrow_fs(fs: Any) -> Any:
+    """pyarrow's own filesystem for local paths: its I/O threads then never call back into Python
+    (an fsspec filesystem is wrapped in a Python handler, and a read-ahead thread that needs the GIL
+    while the interpreter exits aborts the process)."""
+    return pafs.LocalFileSystem() if isinstance(fs, LocalFileSystem) else fs
 
 
 def _file_format(fmt: str, csv_types: Sequence[tuple[str, str]] = ()) -> ds.FileFormat:
@@ -171,7 +180,7 @@ def open_source(url: str, fmt: str = "auto", key_types: Mapping[str, str] | None
         [pa.field(n, pa.type_for_alias(types.get(n, "string"))) for n in hive_names]),
         flavor="hive") if hive_names else None
     try:
-        dataset = ds.dataset(data_files, filesystem=fs, format=_file_format(fmt, csv_types),
+        dataset = ds.dataset(data_files, filesystem=_arrow_fs(fs), format=_file_format(fmt, csv_types),
                              partitioning=partitioning, partition_base_dir=base)
         schema = dataset.schema
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
@@ -290,7 +299,9 @@ def plan_partitions(source: Source, keys: Sequence[str],
         # string per row.
         scanner = source.dataset().scanner(columns=[*keys, "__fragment_index"], use_threads=True,
                                            batch_readahead=2, fragment_readahead=2)
-        with scanner.to_reader() as reader:  # closed even on error: no read-ahead left at exit
+        # A reader closed on every exit (an error, an early return): a scan left open keeps read-ahead
+        # work alive until the interpreter exits, where it can abort the process (SIGABRT).
+        with scanner.to_reader() as reader:
             for batch in reader:
                 if batch.num_rows == 0:
                     continue

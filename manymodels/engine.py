@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -119,6 +120,23 @@ def _call(fn: Callable[..., Any], payload: Any, shared: Any) -> tuple[Any, str, 
     return result, ray.get_runtime_context().get_node_id(), time.perf_counter() - started
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when ``HOST:PORT`` (or ``ray://HOST:PORT``) accepts no connection.
+
+    ``ray.init`` retries an unreachable address for minutes before giving up; a wrong ``--address``
+    should be a one-line error in seconds. ``auto`` (read from Ray's address file) is left to Ray.
+    """
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "/" in target:
+        return
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise EngineError(f"cannot join Ray at {address}: {exc.strerror or exc}") from None
+
+
 class Engine:
     """A connection to Ray for one job run (a context manager).
 
@@ -142,6 +160,8 @@ class Engine:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                                   "log_to_driver": True}
+        if self.address:
+            _check_reachable(self.address)
         try:
             if self.address:
                 ray.init(address=self.address, **kwargs)

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from manymodels.storage import StorageError, Store, process_gone
+from manymodels.storage import StorageError, Store, parquet_from_bytes, process_gone
 
 __all__ = [
     "GLOBAL_PID",
@@ -380,12 +380,12 @@ class Registry:
             return None  # not cached: a transient read error may pass
         try:
             if partition is not None:
-                rows = _conform(pq.read_table(io.BytesIO(data), filters=[("partition", "=", partition)]))
+                rows = _conform(parquet_from_bytes(data, ("partition", partition)))
                 if len(self._rows) >= 4096:  # a bounded cache of single-partition lookups
                     self._rows.clear()
                 self._rows[(key, partition)] = rows
                 return rows
-            table: pa.Table | None = _conform(pq.read_table(io.BytesIO(data)))
+            table: pa.Table | None = _conform(parquet_from_bytes(data))
         except (pa.ArrowException, ValueError, KeyError) as exc:
             # A torn or foreign file: its number stays taken (writers go on at the next one), its
             # events are lost, and every other commit still reads.

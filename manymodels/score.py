@@ -4,10 +4,13 @@ The driver plans partitions from the key columns (the same planning and packing 
 up each partition's model in the registry index (its champion, a pinned version, or the version a
 given train run produced) and fans chunks out on Ray. Each task reads its rows, runs the job's
 ``prepare`` exactly as in training, predicts, and writes one Parquet file into a staging folder. When
-every task is done the run's folder is published in one rename, so readers see all of a run or
-none of it, and a re-run of the same run id swaps its rows atomically.
+every task is done the run is published: on a local filesystem in one rename, so readers see all of
+a run or none of it, and a re-run of the same run id swaps its rows atomically; on an object store
+by server-side copies (each file atomic, the run's files one by one); with ``output.format =
+"delta"`` in one Delta Lake commit on any store.
 
-Output: ``<output.scores>/<job>/score_run_id=<run id>/part-<chunk>.parquet``.
+Output: ``<output.scores>/<job>/score_run_id=<run id>/part-<chunk>.parquet`` (a Delta table rooted at
+``<output.scores>/<job>`` with ``output.format = "delta"``, partitioned by ``score_run_id``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import importlib.util
 import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from manymodels.cost import Held, JobCost, job_cost, partition_cost
 from manymodels.data import (
@@ -311,8 +317,34 @@ def _model_refs(reg: Registry, spec: JobSpec, keys: Sequence[str], partitions: S
     return out
 
 
+def _check_rerun(reg: Registry, job: str, run_id: str) -> None:
+    """A ``--run-id`` names a new run or an earlier score run of this job, never another run.
+
+    Its record would otherwise replace a train run's (or another job's) record under the same id.
+    """
+    for key in reg.store.glob(f"*/runs/{run_id}/run.json"):
+        owner = key.split("/", 1)[0]
+        try:
+            kind = json.loads(reg.store.read_bytes(key)).get("kind")
+        except (FileNotFoundError, ValueError, AttributeError):
+            kind = None
+        if owner != job:
+            raise SpecError(f"--run-id {run_id!r} is a run of job {owner!r} in {reg.url}, not of job "
+                            f"{job!r}: choose another run id")
+        if kind != "score":
+            raise SpecError(f"--run-id {run_id!r} is a {kind or 'unknown'} run of job {job!r} in "
+                            f"{reg.url}, not a score run: choose another run id")
+
+
 def _publish(staging: Store, final_url: str) -> None:
-    """Move the staged run folder to its final place: one rename (an atomic swap on re-runs)."""
+    """Move the staged run folder to its final place (``output.format = "parquet"``).
+
+    Local filesystems: one rename, an atomic swap on re-runs. Object stores have no rename: each
+    staged object is copied server-side (S3 CopyObject; the bytes never pass through the driver),
+    then objects the new run does not have are deleted. Each object appears atomically, but a new
+    run's objects appear one by one: readers that must never see part of a run filter on finished
+    run ids (``manymodels runs list --json``) or use ``output.format = "delta"``.
+    """
     final = Store(final_url)
     if staging.local:
         os.makedirs(os.path.dirname(final.root), exist_ok=True)
@@ -327,17 +359,84 @@ def _publish(staging: Store, final_url: str) -> None:
         os.rename(staging.root, final.root)
         _remove_tree(old)
         return
-    # Object stores have no rename: copy each object, then drop stale ones (documented caveat:
-    # a reader listing during the copy of a re-run can see old and new files of that run).
-    new = set()
-    for key in staging.list(""):
-        name = key.rsplit("/", 1)[-1]
-        final.write_bytes(name, staging.read_bytes(key))
-        new.add(name)
+    names = [key.rsplit("/", 1)[-1] for key in staging.list("")]
+    try:
+        if names:  # one call: the filesystem runs the copies concurrently
+            staging.fs.copy([staging.path(n) for n in names], [final.path(n) for n in names])
+    except OSError as exc:
+        raise StorageError(f"cannot copy the staged scores {staging.url} to {final.url}: {exc}") from exc
     for key in final.list(""):
-        if key.rsplit("/", 1)[-1] not in new:
+        if key.rsplit("/", 1)[-1] not in names:
             final.delete(key)
     staging.delete("", recursive=True)
+
+
+DELTA_PARTITION = "score_run_id"
+
+
+def _delta_options(url: str) -> dict[str, str]:
+    """Storage options for delta-rs: it reads the AWS variables itself, but refuses plain-HTTP
+    endpoints (a local S3-compatible server) unless told."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    return {"AWS_ALLOW_HTTP": "true"} if url.startswith("s3") and endpoint.startswith("http://") else {}
+
+
+def _publish_delta(staging: Store, table: Store, run_id: str) -> None:
+    """Commit the staged files as the rows of ``run_id`` in the job's Delta table
+    (``output.format = "delta"``), replacing that run's earlier rows, in one atomic commit.
+
+    The workers wrote the files inside the table's folder (``score_run_id=<run>/<attempt>/``), where
+    they are invisible until a commit names them, so nothing is copied. The commit is an overwrite
+    of the ``score_run_id = <run>`` partition: readers see the old rows of that run or the new ones,
+    never a mix, and other runs are untouched. Files of replaced or failed runs stay on storage until
+    ``DeltaTable.vacuum``.
+    """
+    from deltalake import DeltaTable, Schema
+    from deltalake.exceptions import DeltaError, TableNotFoundError
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    options = _delta_options(table.url)
+    uri = table.uri("").rstrip("/")
+    root = table.root.rstrip("/") + "/"
+    adds: list[Any] = []
+    schema: pa.Schema | None = None
+    now_ms = int(time.time() * 1000)
+    try:
+        for key in staging.glob("*.parquet"):
+            path = staging.path(key)
+            with staging.fs.open(path, "rb") as f:
+                meta = pq.read_metadata(f)  # the footer only
+            if schema is None:
+                schema = meta.schema.to_arrow_schema().remove_metadata()
+            adds.append(AddAction(path=path[len(root):], size=int(staging.fs.size(path)),
+                                  partition_values={DELTA_PARTITION: run_id}, modification_time=now_ms,
+                                  data_change=True, stats=json.dumps({"numRecords": meta.num_rows})))
+    except OSError as exc:
+        raise StorageError(f"cannot read the staged scores in {staging.url}: {exc}") from exc
+    for _attempt in range(5):
+        try:
+            dt_ = DeltaTable(uri, storage_options=options or None)
+        except TableNotFoundError:
+            if schema is None:
+                return  # no table and nothing scored: nothing to show
+            try:
+                create_table_with_add_actions(
+                    uri, Schema.from_arrow(schema.append(pa.field(DELTA_PARTITION, pa.string()))), adds,
+                    mode="error", partition_by=[DELTA_PARTITION], storage_options=options or None)
+                return
+            except DeltaError:
+                continue  # another run created the table first: commit to it
+        full = (schema.append(pa.field(DELTA_PARTITION, pa.string())) if schema is not None
+                else dt_.schema())
+        try:
+            dt_.create_write_transaction(adds, mode="overwrite", schema=full,
+                                         partition_by=[DELTA_PARTITION],
+                                         partition_filters=[(DELTA_PARTITION, "=", run_id)])
+        except DeltaError as exc:  # e.g. this run's columns differ from the table's
+            raise StorageError(f"cannot commit score run {run_id} to the Delta table {uri}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        return
+    raise StorageError(f"cannot commit score run {run_id} to the Delta table {uri}")
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -397,6 +496,9 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     if run_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]*[A-Za-z][A-Za-z0-9_-]*", run_id):
         raise SpecError(f"--run-id {run_id!r} must be letters, digits, '-' and '_', with at least one letter")
     check_prepare(spec)
+    if spec.output.format == "delta" and importlib.util.find_spec("deltalake") is None:
+        raise SpecError('output.format = "delta" needs the deltalake package: '
+                        'pip install "manymodels[delta]"')
     source = open_source(spec.data.source, spec.data.format, spec.data.key_types,
                          spec.data.partition_by)
     d = spec.data
@@ -405,6 +507,8 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     if not plan.partitions:
         raise InputError("no partition matches --only" if only else f"{source.url!r} has no partitions")
     reg = Registry(spec.output.registry)
+    if run_id is not None:
+        _check_rerun(reg, spec.name, run_id)
     if not reg.has_index(spec.name):  # pinned or not: nothing can score
         raise InputError(f"the registry {reg.url} has no models of job {spec.name!r}: train it first")
     refs = _model_refs(reg, spec, plan.keys, plan.partitions, model_version, train_run,
@@ -424,8 +528,12 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         planned.append(ScorePartition(key=p.key, partition=encode_partition(keys, p.key), rows=p.rows,
                                       model=ref if isinstance(ref, ModelRef) else None,
                                       reason=ref if isinstance(ref, str) else "", files=p.files))
-    final_url = scores.uri(f"{spec.name}/score_run_id={run_id}")
-    staging_url = scores.uri(f".staging/{spec.name}/{run_id}-{os.getpid()}")
+    delta = spec.output.format == "delta"
+    final_url = scores.uri(spec.name if delta else f"{spec.name}/score_run_id={run_id}")
+    # Delta: staged inside the table (invisible until committed), in a folder of this attempt alone,
+    # so a re-run never overwrites the files the current version of the run is read from.
+    staging_url = scores.uri(f"{spec.name}/{DELTA_PARTITION}={run_id}/attempt-{uuid.uuid4().hex}" if delta
+                             else f".staging/{spec.name}/{run_id}-{os.getpid()}")
     record: dict[str, Any] = {
         "run_id": run_id, "job": spec.name, "kind": "score", "status": "running",
         "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
@@ -435,7 +543,6 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     fallback = next((r for r in refs.values() if isinstance(r, ModelRef) and r.version == 0), None)
     if fallback is not None:  # rows scored by it say model_version 0: the record names its version
         record["global_model"] = {"version": fallback.global_version, "run_id": fallback.run_id}
-    reg.write_run(spec.name, run_id, record)
     ctx = ScoreContext(spec=spec, source=source, keys=keys, columns=None, keep=tuple(keep),
                        registry_url=reg.url, staging_url=staging_url, run_id=run_id,
                        scored_at=utc_now())
@@ -444,6 +551,8 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     nodes: set[str] = set()
     reserved_cpu_s = reserved_gpu_s = 0.0
     with Engine(address, num_cpus=num_cpus) as engine:
+        # Only once Ray is up: a Ray that cannot be started or joined leaves no "running" record.
+        reg.write_run(spec.name, run_id, record)
         cluster = engine.resources()
         slots = cluster.get("CPU", 1.0)
         # Scoring a row is far cheaper than training on it: bigger chunks, fewer model-cache misses.
@@ -482,13 +591,16 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
                 bar.update(len(outcomes), unscored)
         embedded = engine.embedded
     staging = Store(staging_url)
-    if staging.local:
-        os.makedirs(staging.root, exist_ok=True)  # a run that scored nothing still replaces old rows
-    _publish(staging, final_url)
-    if staging.local:
-        with contextlib.suppress(OSError):  # the job's staging folder, if no other run uses it now
-            os.rmdir(os.path.dirname(staging.root))
-            os.rmdir(os.path.dirname(os.path.dirname(staging.root)))
+    if delta:
+        _publish_delta(staging, Store(final_url), run_id)
+    else:
+        if staging.local:
+            os.makedirs(staging.root, exist_ok=True)  # a run that scored nothing still replaces old rows
+        _publish(staging, final_url)
+        if staging.local:
+            with contextlib.suppress(OSError):  # the job's staging folder, if no other run uses it now
+                os.rmdir(os.path.dirname(staging.root))
+                os.rmdir(os.path.dirname(os.path.dirname(staging.root)))
     wall = time.perf_counter() - started
     held = (_held_embedded(cluster) if embedded else
             Held(cpus=reserved_cpu_s / wall, gpus=reserved_gpu_s / wall))

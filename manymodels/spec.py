@@ -179,10 +179,12 @@ class ScoreSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """``[output]``: fsspec URLs of the registry and of the scored output."""
+    """``[output]``: fsspec URLs of the registry and of the scored output, and the scores' format
+    (``parquet``: a Hive folder per score run; ``delta``: one Delta Lake table per job)."""
 
     registry: str = "registry"
     scores: str = "scores"
+    format: str = "parquet"
 
 
 @dataclass(frozen=True)
@@ -386,6 +388,8 @@ def _check(spec: JobSpec, where: str) -> JobSpec:
     for key in ("fallback_rows_per_partition", "fallback_max_rows"):
         if getattr(spec.score, key) < 1:
             raise SpecError(f"score.{key} must be at least 1, got {getattr(spec.score, key)}{where}")
+    if spec.output.format not in ("parquet", "delta"):
+        raise SpecError(f"output.format must be parquet or delta, got {spec.output.format!r}{where}")
     if not 0.0 <= spec.run.max_failure_fraction <= 1.0:
         raise SpecError(f"run.max_failure_fraction must be between 0 and 1{where}")
     if spec.run.max_retries < 0:

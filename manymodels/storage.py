@@ -20,10 +20,11 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["StorageError", "Store", "url_to_fs"]
+__all__ = ["StorageError", "Store", "parquet_from_bytes", "url_to_fs"]
 
 
 class StorageError(OSError):
@@ -176,8 +177,8 @@ class Store:
         self.write_bytes(key, buf.getvalue())
 
     def read_parquet(self, key: str) -> pa.Table:
-        """Read one Parquet object written by :meth:`write_parquet`."""
-        return pq.read_table(io.BytesIO(self.read_bytes(key)))
+        """Read one Parquet object written by :meth:`write_parquet` (see :func:`parquet_from_bytes`)."""
+        return parquet_from_bytes(self.read_bytes(key))
 
     def check_writable(self) -> None:
         """Fail early (before any work) when the root cannot be written or cannot create exclusively."""
@@ -248,6 +249,28 @@ def _exclusive_floor(fs: Any) -> str:
     if _version_tuple(have) < floor:
         return f"need {dist}>={'.'.join(map(str, floor))}, found {have}"
     return ""
+
+
+def parquet_from_bytes(data: bytes, equals: tuple[str, str] | None = None) -> pa.Table:
+    """A Parquet object's rows, read synchronously (only the rows whose ``equals[0]`` column is
+    ``equals[1]``, from the row groups whose statistics can hold them, when given).
+
+    ``ParquetFile`` reads synchronously; ``pq.read_table`` scans through a dataset whose read-ahead
+    threads can outlive the call, and one still holding this Python buffer when the interpreter
+    exits takes the GIL there and aborts the process (SIGABRT, exit 134).
+    """
+    with pq.ParquetFile(pa.BufferReader(data)) as f:
+        if equals is None:
+            return f.read()
+        name, value = equals
+        col = f.schema_arrow.get_field_index(name)
+        groups = []
+        for i in range(f.metadata.num_row_groups):
+            stats = f.metadata.row_group(i).column(col).statistics
+            if stats is None or not stats.has_min_max or stats.min <= value <= stats.max:
+                groups.append(i)
+        table = f.read_row_groups(groups) if groups else f.schema_arrow.empty_table()
+    return table.filter(pc.equal(table.column(name), value))
 
 
 def process_identity() -> dict[str, Any]:

@@ -427,7 +427,6 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
         "spec_hash": shash, "data": source.url, "registry": reg.url, "environment": environment(),
         "partitions": {"total": len(planned)}, "device": device_note, "driver": process_identity()}
-    reg.write_run(job, run_id, record)
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     ctx = TrainContext(spec=spec, source=source, keys=keys, registry_url=reg.url, run_id=run_id,
@@ -437,6 +436,8 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     nodes: set[str] = set()
     reserved_cpu_s = reserved_gpu_s = 0.0
     with Engine(address, num_cpus=num_cpus) as engine:
+        # Only once Ray is up: a Ray that cannot be started or joined leaves no "running" record.
+        reg.write_run(job, run_id, record)
         cluster = engine.resources()
         slots = max(1, int(cluster.get("CPU", 1)))
         engine.warm_up(min(slots, len(planned)))
@@ -533,17 +534,28 @@ def budget_gate(spec: JobSpec, embedded: bool, cluster: Mapping[str, float], sta
     projected cost stays within budget (``None`` when the spec sets no budget).
 
     Spent so far: an embedded instance costs what it holds for the elapsed time; on a cluster, what
-    the finished partitions reserved. ``outcomes`` is the caller's growing list of results.
+    the finished partitions reserved. ``outcomes`` is the caller's growing list of results (append
+    only): each call folds only the outcomes added since the last one into a running total, so a
+    run of N partitions costs O(N) in all, not O(N²).
     """
     if spec.cost.max_usd is None:
         return None
     rate = hourly_usd(_held_embedded(cluster), spec.cost)
+    folded = 0
+    reserved_usd = 0.0
 
     def gate() -> bool:
-        spent = ((time.perf_counter() - started) * rate / 3600.0 if embedded else sum(
-            partition_cost(o.wall_s, o.num_cpus, o.num_gpus, o.memory_mb, spec.cost).cost_usd
-            for o in outcomes))
-        return within_budget(spent, len(outcomes), total, spec.cost.max_usd)
+        nonlocal folded, reserved_usd
+        done = len(outcomes)
+        if embedded:
+            spent = (time.perf_counter() - started) * rate / 3600.0
+        else:
+            for i in range(folded, done):
+                o = outcomes[i]
+                reserved_usd += partition_cost(o.wall_s, o.num_cpus, o.num_gpus, o.memory_mb,
+                                               spec.cost).cost_usd
+            folded, spent = done, reserved_usd
+        return within_budget(spent, done, total, spec.cost.max_usd)
 
     return gate
 

@@ -214,3 +214,28 @@ def test_json_stdout_stays_one_object_when_workers_print(transit_dir: Path, tmp_
     assert len(lines) == 1, proc.stdout
     assert json.loads(lines[0])["partitions"]["trained"] == 12
     assert "hello from prepare" in proc.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_unreachable_ray_address_exits_2_and_leaves_no_run_record(transit_dir: Path, tmp_path: Path,
+                                                                  clean_env: dict[str, str]) -> None:
+    """A Ray that cannot be joined is a one-line error (exit 2, in seconds, not after minutes of
+    retries) that leaves no "running" run record behind, for train and for score."""
+    from manymodels import Registry, train
+
+    job = write_job(tmp_path, transit_dir)
+    registry = Registry(str(tmp_path / "registry"))
+    train(job, only=["station=stn-00000"])  # a model to score with (on the session's Ray)
+    [before] = registry.runs(JOB)
+    for command in ("train", "score"):
+        proc = subprocess.run(
+            [str(CONSOLE_SCRIPT), command, "--job", str(job), "--address", "127.0.0.1:1", "--json",
+             "--only", "station=stn-00000"],
+            cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=90, check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stdout == ""
+        err = proc.stderr.strip()
+        assert err.startswith("error:") and "\n" not in err and "127.0.0.1:1" in err, err
+        assert [r["run_id"] for r in registry.runs(JOB)] == [before["run_id"]], command
+    assert not (tmp_path / "scores" / JOB).exists()

@@ -10,6 +10,7 @@ A score re-run racing a reader of its folder is covered by ``test_score.py``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -348,3 +349,42 @@ def test_hanging_partition_times_out(tmp_path: Path) -> None:
     assert failure["reason"].startswith("timeout"), failure
     reg = Registry(str(tmp_path / "registry"))
     assert sorted(versions_by_station(reg)) == [f"stn-{i:05d}" for i in range(6) if i != 2]
+
+
+# ----------------------------------------------------------------------------- 5. the budget gate
+
+
+def test_budget_gate_folds_only_new_outcomes(make_spec: Any, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``[cost] max_usd`` gate keeps a running total: each call prices only the outcomes added
+    since the previous call, so a run of N partitions prices N outcomes in all (not N²/2)."""
+    from manymodels.cost import partition_cost
+    from manymodels.train import PartitionOutcome, budget_gate
+
+    priced: list[int] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:  # the real function, counted
+        priced.append(1)
+        return partition_cost(*args, **kwargs)
+
+    monkeypatch.setattr(sys.modules["manymodels.train"], "partition_cost", counting)
+    spec = make_spec(tmp_path, tmp_path / "registry", cost={"cpu_hour_usd": 3600.0, "max_usd": 1000.0})
+    total, step = 2_000, 10
+    outcomes: list[PartitionOutcome] = []
+    gate = budget_gate(spec, False, {"CPU": 2.0}, time.perf_counter(), outcomes, total)
+    assert gate is not None
+    answers = []
+    for n in range(0, total, step):
+        outcomes.extend(PartitionOutcome(pid=str(i), partition="{}", status="trained", wall_s=0.25)
+                        for i in range(n, n + step))
+        answers.append(gate())
+        assert len(priced) == len(outcomes)  # O(new outcomes) per call
+    # 2,000 partitions × 0.25 s × 1 CPU × $1/s = $500 projected: within the $1,000 budget throughout.
+    assert all(answers)
+    spent = sum(partition_cost(o.wall_s, o.num_cpus, o.num_gpus, o.memory_mb, spec.cost).cost_usd
+                for o in outcomes)
+    assert spent == pytest.approx(500.0)
+    # The running total is the same sum: a budget just under it stops the gate.
+    tighter = dataclasses.replace(spec, cost=dataclasses.replace(spec.cost, max_usd=499.0))
+    tight = budget_gate(tighter, False, {"CPU": 2.0}, 0.0, outcomes, total)
+    assert tight is not None and not tight()

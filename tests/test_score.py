@@ -886,3 +886,153 @@ def testnormalised_keys_rules() -> None:
         normalised_keys("j", "u", ["s"], [pa.float64()], parts((1.5,),), texts)
     with pytest.raises(InputError, match=r"'s' is bool \(bool\) in 'u' but text"):
         normalised_keys("j", "u", ["s"], [pa.bool_()], parts((True,),), texts)
+
+
+def test_run_id_of_another_run_kind_or_job_is_refused(trained: tuple[JobSpec, RunSummary],
+                                                      data: dict[str, Path], make_spec: Any,
+                                                      tmp_path: Path) -> None:
+    """``--run-id`` may re-run a score run of the same job; naming a train run, or a run of another
+    job, is exit 2 before anything is written (it would replace that run's record)."""
+    spec, train_summary = trained
+    reg = Registry(spec.output.registry)
+    out = tmp_path / "scores"
+    train_record, _ = reg.run(train_summary.run_id)
+    with pytest.raises(manymodels.SpecError, match="train run"):
+        score(spec, data=str(data["next"]), output=str(out), run_id=train_summary.run_id)
+    assert reg.run(train_summary.run_id)[0] == train_record  # untouched
+    result = runner.invoke(app, ["score", "--job", str(spec.path), "--data", str(data["next"]),
+                                 "--registry", spec.output.registry, "--output", str(out),
+                                 "--run-id", train_summary.run_id])
+    assert result.exit_code == 2 and "train run" in result.stderr, result.stderr
+    assert not out.exists()
+
+    first = score(spec, data=str(data["next"]), output=str(out), run_id="nightly-a")
+    again = score(spec, data=str(data["next"]), output=str(out), run_id="nightly-a")  # a re-run: fine
+    assert first.run_id == again.run_id == "nightly-a"
+    other = dataclasses.replace(spec, job=dataclasses.replace(spec.job, name="other-job"))
+    with pytest.raises(manymodels.SpecError, match="job 'transit-delays'"):
+        score(other, data=str(data["next"]), output=str(out), run_id="nightly-a")
+    assert not (out / "other-job").exists()
+    record, _ = reg.run("nightly-a")
+    assert (record["job"], record["kind"], record["status"]) == (JOB, "score", "succeeded")
+
+
+# ----------------------------------------------------------------------------- 9. publishing
+
+
+def test_s3_publish_copies_server_side(trained: tuple[JobSpec, RunSummary], data: dict[str, Path],
+                                       s3_endpoint: str | None) -> None:
+    """On an object store the staged files reach the run's folder by server-side copies (S3
+    CopyObject): the driver never downloads them. Counted on the driver's own S3 client."""
+    if s3_endpoint is None:
+        pytest.skip("needs moto[server] and s3fs")
+    import uuid
+
+    spec, _ = trained
+    fs = fsspec.filesystem("s3")  # the instance the driver's Store gets (fsspec caches it)
+    bucket = f"mm-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    calls: list[tuple[str, str]] = []
+
+    def record(params: dict[str, Any], model: Any, **_: Any) -> None:
+        source = params.get("CopySource")
+        key = source["Key"] if isinstance(source, dict) else str(params.get("Key", ""))
+        calls.append((model.name, key))
+
+    fs.ls(bucket)  # connects: the client exists from here on
+    fs.s3.meta.events.register("provide-client-params.s3.*", record)
+    try:
+        s = score(spec, data=str(data["next"]), output=f"s3://{bucket}/scores", run_id="on-s3")
+        again = score(spec, data=str(data["next"]), output=f"s3://{bucket}/scores", run_id="on-s3")
+    finally:
+        fs.s3.meta.events.unregister("provide-client-params.s3.*", record)
+    _scored(s, N * AHEAD, N)
+    _scored(again, N * AHEAD, N)
+    staged = [(op, key) for op, key in calls if "/.staging/" in f"/{key}"]
+    copies = [key for op, key in staged if op == "CopyObject"]
+    assert copies and not [op for op, _ in staged if op == "GetObject"], staged
+    fs.invalidate_cache()
+    final = fs.find(f"{bucket}/scores/{JOB}/score_run_id=on-s3")
+    assert len(copies) == 2 * len(final)  # every staged file copied once per run, none downloaded
+    table = ds.dataset(f"{bucket}/scores/{JOB}", filesystem=fs, partitioning="hive").to_table()
+    assert table.num_rows == N * AHEAD  # the re-run replaced its rows
+    assert fs.find(f"{bucket}/scores/.staging") == []
+
+
+def test_delta_output_commits_each_run_atomically(trained: tuple[JobSpec, RunSummary],
+                                                  data: dict[str, Path], make_spec: Any,
+                                                  main_scores: tuple[Path, ScoreSummary, Any, Any],
+                                                  tmp_path: Path) -> None:
+    """``output.format = "delta"``: each score run is one Delta commit of the job's table; a re-run
+    of a run id replaces that run's rows (not doubled), other runs stay; polars, DuckDB (through
+    deltalake's Arrow dataset) and pyarrow read the same columns as the Parquet output."""
+    deltalake = pytest.importorskip("deltalake")
+    spec, _ = trained
+    dspec = make_spec(data["history"], spec.output.registry, output={"format": "delta"})
+    out = tmp_path / "scores"
+    first = score(dspec, data=str(data["next"]), output=str(out), run_id="nightly-delta")
+    other = score(dspec, data=str(data["next"]), output=str(out))
+    again = score(dspec, data=str(data["next"]), output=str(out), run_id="nightly-delta")
+    for s in (first, other, again):
+        _scored(s, N * AHEAD, N)
+        assert s.output == str(out / JOB)
+    table = deltalake.DeltaTable(str(out / JOB))
+    assert table.version() == 2  # one commit per run
+    rows = table.to_pyarrow_table()
+    assert set(rows.column_names) == OUTPUT_COLUMNS
+    assert Counter(rows.column("score_run_id").to_pylist()) == {"nightly-delta": N * AHEAD,
+                                                                 other.run_id: N * AHEAD}
+    # The re-run's rows replaced the first run's (newer scored_at), with the same predictions as the
+    # Parquet output of the same rows.
+    df = rows.to_pandas()
+    nightly = df[df["score_run_id"] == "nightly-delta"].set_index("trip_id").sort_index()
+    # A reader reads one table version; no version holds part of a run: each has 0 or all its rows.
+    for version in range(table.version() + 1):
+        snapshot = deltalake.DeltaTable(str(out / JOB), version=version).to_pyarrow_table()
+        assert set(Counter(snapshot.column("score_run_id").to_pylist()).values()) == {N * AHEAD}, version
+    v0 = deltalake.DeltaTable(str(out / JOB), version=0).to_pyarrow_table().to_pandas()
+    assert len(v0) == N * AHEAD and nightly["scored_at"].min() > v0["scored_at"].max()
+    parquet_out, parquet_run, _, _ = main_scores
+    reference = _run_rows(parquet_out, parquet_run.run_id).set_index("trip_id").sort_index()
+    np.testing.assert_allclose(nightly["prediction"].to_numpy(), reference["prediction"].to_numpy())
+    assert pl.read_delta(str(out / JOB)).filter(pl.col("score_run_id") == "nightly-delta").height == N * AHEAD
+    con = duckdb.connect()
+    con.register("scores", table.to_pyarrow_dataset())
+    counts = con.sql("select score_run_id, count(*) from scores group by 1").fetchall()
+    assert sorted(counts) == sorted([("nightly-delta", N * AHEAD), (other.run_id, N * AHEAD)])
+
+
+def test_delta_output_on_s3(trained: tuple[JobSpec, RunSummary], data: dict[str, Path], make_spec: Any,
+                            s3_endpoint: str | None) -> None:
+    """The Delta output on the S3 server: runs commit and re-runs replace, and delta-rs's commits
+    there are put-if-absent (two writers from the same snapshot: the second retries, nothing lost)."""
+    deltalake = pytest.importorskip("deltalake")
+    if s3_endpoint is None:
+        pytest.skip("needs moto[server] and s3fs")
+    import uuid
+
+    spec, _ = trained
+    bucket = f"mm-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(bucket)
+    dspec = make_spec(data["history"], spec.output.registry, output={"format": "delta"})
+    out = f"s3://{bucket}/scores"
+    for _ in range(2):
+        _scored(score(dspec, data=str(data["next"]), output=out, run_id="s3-delta"), N * AHEAD, N)
+    options = {"AWS_ALLOW_HTTP": "true"}
+    uri = f"{out}/{JOB}"
+    table = deltalake.DeltaTable(uri, storage_options=options)
+    assert table.version() == 1 and table.to_pyarrow_table().num_rows == N * AHEAD
+    assert pl.read_delta(uri, storage_options=options).height == N * AHEAD
+
+    # Two writers holding the same snapshot commit one after the other: the second finds its commit
+    # number taken (the server refuses the conditional put) and commits as the next one.
+    a, b = (deltalake.DeltaTable(uri, storage_options=options) for _ in range(2))
+    extra = table.to_pyarrow_table().slice(0, 3)
+    for writer, run in ((a, "writer-a"), (b, "writer-b")):
+        rows = extra.set_column(extra.schema.get_field_index("score_run_id"), "score_run_id",
+                                pa.array([run] * 3))
+        deltalake.write_deltalake(writer, rows, mode="append")
+    final = deltalake.DeltaTable(uri, storage_options=options)
+    assert final.version() == 3
+    assert Counter(final.to_pyarrow_table().column("score_run_id").to_pylist()) == {
+        "s3-delta": N * AHEAD, "writer-a": 3, "writer-b": 3}
