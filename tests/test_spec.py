@@ -487,6 +487,7 @@ OTHER_VALUES: dict[str, Any] = {
     "score.fallback_max_rows": 5000,
     "output.registry": "s3://b/registry",
     "output.scores": "gs://b/scores",
+    "output.format": "delta",
     "run.max_failure_fraction": 0.5,
     "run.max_retries": 0,
     "run.timeout_s": 60.0,
