@@ -649,8 +649,8 @@ def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | 
     metric = compute_metric(spec.metric, y_ho, pred)
     metrics = {spec.metric: metric, "train_rows": float(len(tr)), "holdout_rows": float(len(ho))}
     reason = _gate(metric, spec)
-    comparison, old_metric = _judge_champion(champion, champion_features, booster, features,
-                                             frame.iloc[ho], y_ho, spec, params["num_threads"])
+    comparison, old_metric = ("no champion", None) if champion is None else _judge_champion(
+        champion, champion_features, booster, features, frame.iloc[ho], y_ho, spec, params["num_threads"])
     if old_metric is not None:
         metrics["champion_" + spec.metric] = old_metric
         if not reason and _is_worse(metric, old_metric, spec.higher_is_better):

@@ -65,8 +65,17 @@ class Store:
     def _wrap(self, exc: Exception, key: str, verb: str) -> StorageError:
         return StorageError(f"cannot {verb} {self.uri(key)}: {exc}")
 
-    def write_bytes(self, key: str, data: bytes) -> None:
-        """Write a whole object so that readers see either the old content or all of the new."""
+    def write_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        """Write a whole object so that readers see either the old content or all of the new.
+
+        Args:
+            key: where.
+            data: the whole content.
+            durable: on a local filesystem, fsync the bytes before the name points at them. Writers
+                of many small files (a chunk's models) pass ``False`` and call :meth:`sync` once
+                before anything that names them is committed: one fsync per model costs more than
+                training a small one.
+        """
         path = self.path(key)
         try:
             if self.local:
@@ -74,13 +83,20 @@ class Store:
                 tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
                 with open(tmp, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
                 os.replace(tmp, path)
             else:
                 self.fs.pipe_file(path, data)
         except OSError as exc:
             raise self._wrap(exc, key, "write") from exc
+
+    def sync(self) -> None:
+        """Make every write of this process durable (local filesystems: ``sync()``; object stores
+        are durable once a put returns)."""
+        if self.local:
+            os.sync()
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Create ``key`` with ``data`` only if it does not exist yet; ``False`` when it already does.
