@@ -71,10 +71,9 @@ class Store:
         Args:
             key: where.
             data: the whole content.
-            durable: on a local filesystem, fsync the bytes before the name points at them. Writers
-                of many small files (a chunk's models) pass ``False`` and call :meth:`sync` once
-                before anything that names them is committed: one fsync per model costs more than
-                training a small one.
+            durable: on a local filesystem, fsync the bytes before the name points at them (registry
+                commits, checkpoints, run records). Model files pass ``False``: one fsync per model
+                costs more than training a small one.
         """
         path = self.path(key)
         try:
@@ -91,12 +90,6 @@ class Store:
                 self.fs.pipe_file(path, data)
         except OSError as exc:
             raise self._wrap(exc, key, "write") from exc
-
-    def sync(self) -> None:
-        """Make every write of this process durable (local filesystems: ``sync()``; object stores
-        are durable once a put returns)."""
-        if self.local:
-            os.sync()
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Create ``key`` with ``data`` only if it does not exist yet; ``False`` when it already does.
@@ -277,7 +270,7 @@ def parquet_from_bytes(data: bytes, equals: tuple[str, str] | None = None) -> pa
     """
     with pq.ParquetFile(pa.BufferReader(data)) as f:
         if equals is None:
-            return f.read()
+            return f.read(use_threads=False)
         name, value = equals
         col = f.schema_arrow.get_field_index(name)
         groups = []
@@ -285,7 +278,7 @@ def parquet_from_bytes(data: bytes, equals: tuple[str, str] | None = None) -> pa
             stats = f.metadata.row_group(i).column(col).statistics
             if stats is None or not stats.has_min_max or stats.min <= value <= stats.max:
                 groups.append(i)
-        table = f.read_row_groups(groups) if groups else f.schema_arrow.empty_table()
+        table = f.read_row_groups(groups, use_threads=False) if groups else f.schema_arrow.empty_table()
     return table.filter(pc.equal(table.column(name), value))
 
 

@@ -246,7 +246,9 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
                                          row_hashes=hashes[span[0]:span[1]], num_threads=threads,
                                          device=device)
             model_key = Registry.model_key(spec.name, p.pid, ctx.run_id)
-            store.write_bytes(model_key, result.model_str.encode(), durable=False)  # synced below
+            # Not fsynced one by one (that costs more than training a small model); see README
+            # "Reliability" for what a machine crash can cost.
+            store.write_bytes(model_key, result.model_str.encode(), durable=False)
         except (PartitionError, PartitionTimeout, StorageError) as exc:
             out.append(_outcome(p, res, status="failed", reason=str(exc), rows=len(part),
                                 wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0))
@@ -264,8 +266,6 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
             trained_at=dt.datetime.now(dt.UTC), wall_s=time.perf_counter() - t0,
             cpu_s=time.process_time() - c0, peak_rss_mb=peak_rss_mb(), started_s=s0, device=device,
             comparison=result.comparison, warnings=result.warnings))
-    if any(o.status == "trained" for o in out):
-        store.sync()  # the models reach the disk before the driver commits versions naming them
     return out
 
 
