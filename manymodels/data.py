@@ -276,6 +276,16 @@ class PartitionTally:
                 for k, (n, f) in self._keys.items()]
 
 
+def check_temporal(source: Source, column: str, role: str) -> None:
+    """Fail when ``column`` is neither a date/time nor a number (e.g. timestamps read as text, which
+    would sort as text)."""
+    t = source.schema.field(column).type
+    if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_duration(t)
+            or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
+        raise InputError(f"column {column!r} ({role}) must be a date/time or a number, but {source.url!r} "
+                         f"has it as {t}")
+
+
 def plan_partitions(source: Source, keys: Sequence[str],
                     keep: Callable[[dict[str, Any]], bool] | None = None) -> Plan:
     """Find every distinct key combination, its row count and its files, reading key columns only.

@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from manymodels.data import row_hashes as hash_rows
 from manymodels.spec import OBJECTIVES_CLASSIFICATION, JobSpec
 
 __all__ = [
@@ -323,13 +324,6 @@ def _input_positions(out: pd.DataFrame, n: int) -> np.ndarray | None:
     return pos
 
 
-def _hash_rows(frame: pd.DataFrame) -> np.ndarray:
-    """One 64-bit hash per row of its values (not its index): the same as ``data.row_hashes``."""
-    if frame.empty:
-        return np.zeros(0, dtype=np.uint64)
-    return pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64)
-
-
 def _unit_draw(hashes: np.ndarray, seed: int) -> np.ndarray:
     """A uniform number in [0, 1) per row hash, mixed with the seed (splitmix64's finalizer)."""
     h = hashes.astype(np.uint64, copy=True)
@@ -404,7 +398,7 @@ def _prepared(frame: pd.DataFrame, spec: JobSpec, prepare: PrepareFn | None,
     :func:`_label_rows`); when prepare replaced the index, the key is the hash of the prepared
     row's values instead (still stable across retrains for rows prepare derives the same way).
     """
-    hashes = _hash_rows(frame) if row_hashes is None else np.asarray(row_hashes, dtype=np.uint64)
+    hashes = hash_rows(frame) if row_hashes is None else np.asarray(row_hashes, dtype=np.uint64)
     if len(hashes) != len(frame):
         raise ValueError(f"row_hashes has {len(hashes)} values for {len(frame)} rows")
     if prepare is None:
@@ -412,7 +406,7 @@ def _prepared(frame: pd.DataFrame, spec: JobSpec, prepare: PrepareFn | None,
     else:
         out = run_prepare(_label_rows(frame), prepare)
         pos = _input_positions(out, len(frame))
-        keys = _hash_rows(out) if pos is None else hashes[pos]
+        keys = hash_rows(out) if pos is None else hashes[pos]
     y = _target(out, spec)
     usable = ~np.isnan(y)
     if not usable.all():

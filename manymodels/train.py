@@ -33,6 +33,7 @@ from manymodels.data import (
     Source,
     check_columns,
     check_numeric,
+    check_temporal,
     fingerprint_rows,
     normalised_keys,
     open_source,
@@ -344,11 +345,7 @@ def _check_inputs(spec: JobSpec, source: Source) -> None:
         # The holdout is the latest rows by this column: text would sort as text (a prepare may
         # still parse it, so with one the pipeline checks the prepared column instead).
         if d.time_column:
-            t = source.schema.field(d.time_column).type
-            if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_duration(t)
-                    or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
-                raise InputError(f"column {d.time_column!r} (time_column) must be a date/time or a number, "
-                                 f"but {source.url!r} has it as {t}")
+            check_temporal(source, d.time_column, "time_column")
 
 
 def check_prepare(spec: JobSpec) -> None:
