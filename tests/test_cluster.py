@@ -205,14 +205,16 @@ def test_train_and_score_on_two_node_cluster(cluster: Cluster, tmp_path: Path) -
     assert trained["status"] == "succeeded", trained
     assert trained["partitions"] == {"total": N_STATIONS, "trained": N_STATIONS, "promoted": N_STATIONS,
                                      "skipped": 0, "failed": 0}
-    assert sorted(trained["nodes"]) == cluster.node_ids, trained["nodes"]
     train_nodes = _run_nodes(cluster, tmp_path, registry, trained["run_id"], N_STATIONS)
-    assert train_nodes == set(cluster.node_ids)
+    assert train_nodes == set(trained["nodes"]) and train_nodes <= set(cluster.node_ids), trained["nodes"]
 
     scored = _cli(cluster, tmp_path, "score", "--data", str(score_dir), "--output", str(scores), *common)
     assert scored["status"] == "succeeded", scored
     assert scored["rows"] == {"input": len(score_df), "scored": len(score_df), "unscored": 0}
     assert scored["partitions_scored"] == N_STATIONS and scored["unscored"] == []
-    assert sorted(scored["nodes"]) == cluster.node_ids, scored["nodes"]
     score_nodes = _run_nodes(cluster, tmp_path, registry, scored["run_id"], N_STATIONS)
-    assert score_nodes == set(cluster.node_ids)
+    assert score_nodes == set(scored["nodes"]) and score_nodes <= set(cluster.node_ids), scored["nodes"]
+    # Both nodes did work. Not asserted per command: Ray places a task on any node with a free CPU,
+    # and on a loaded machine the head can finish all 20 short train tasks while the worker node is
+    # still starting its worker process (seen once in a clean-checkout `make test`).
+    assert train_nodes | score_nodes == set(cluster.node_ids), (train_nodes, score_nodes)
