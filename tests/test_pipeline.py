@@ -13,6 +13,7 @@ import pytest
 
 from manymodels.pipeline import (
     PartitionError,
+    _category_codes,
     compute_metric,
     holdout_split,
     lgb_params,
@@ -517,9 +518,11 @@ def test_prepare_module_can_define_dataclasses_and_import_siblings(tmp_path: Any
 # ----------------------------------------------------------------------------- stray strings
 
 
-def test_numeric_column_with_a_stray_string_is_named_in_a_warning(frame: pd.DataFrame) -> None:
-    df = frame.assign(fare=frame["temp_c"].astype(object))
-    df.loc[df.index[7], "fare"] = "n/a"
+@pytest.mark.parametrize("dtype", [object, "str"])  # the general path and pandas' Arrow strings
+def test_numeric_column_with_a_stray_string_is_named_in_a_warning(frame: pd.DataFrame, dtype: Any) -> None:
+    fare = frame["temp_c"].astype(str).astype(object)
+    fare.iloc[7] = "n/a"
+    df = frame.assign(fare=fare.astype(dtype))
     result = train_partition(df, make_spec())
     assert len(result.warnings) == 1
     assert result.warnings[0].startswith("feature column 'fare' is text but nearly all of its values are "
@@ -527,3 +530,38 @@ def test_numeric_column_with_a_stray_string_is_named_in_a_warning(frame: pd.Data
     assert train_partition(frame, make_spec()).warnings == ()  # 'line' and 'event' are plain text
     coded = make_spec(data={"categorical": ["fare"], "exclude": ["trip_id"]})
     assert train_partition(df, coded).warnings == ()  # listed as a code on purpose
+
+
+# ----------------------------------------------------------------------------- categorical codes
+
+
+def test_arrow_text_codes_match_the_general_path() -> None:
+    """pandas' Arrow-backed text takes a faster path: same codes, same category order, as the general
+    (object) path, with missing values, non-ASCII text, digits and unknown values at scoring."""
+    values = ["b", None, "é", "Z", "10", "9", "b", "a", None, "ß", "Zz"]
+    arrow, plain = pd.Series(values, dtype="str"), pd.Series(values, dtype=object)
+    fast, known = _category_codes(arrow, None)
+    slow, known_slow = _category_codes(plain, None)
+    assert known == known_slow == sorted(v for v in set(values) if v is not None)
+    np.testing.assert_array_equal(fast, slow)
+    assert np.isnan(fast[[1, 8]]).all()
+    seen = ["9", "a", "b", "q", "é"]  # a model's categories: "q" unseen here, others unknown to it
+    fast, _ = _category_codes(arrow, seen)
+    slow, _ = _category_codes(plain, seen)
+    np.testing.assert_array_equal(fast, slow)
+    assert fast.tolist()[:3] == [2.0, pytest.approx(math.nan, nan_ok=True), 4.0]
+    empty, known_empty = _category_codes(pd.Series([None, None], dtype="str"), None)
+    assert known_empty == [] and np.isnan(empty).all()
+
+
+def test_champion_is_judged_with_its_own_categories(frame: pd.DataFrame) -> None:
+    """The champion's holdout matrix is reused only when its categories are the new model's; a line
+    that appears after the champion was trained shifts the codes, and the champion is scored with
+    its own coding (as plain LightGBM would score it)."""
+    spec = make_spec()
+    old_rows = frame[frame["line"] != "green"]
+    champion = train_partition(old_rows, spec).model_str
+    for rows in (old_rows, frame):  # same categories (reused), then one more line (coded again)
+        result = train_partition(rows, spec, champion=champion)
+        _, holdout = holdout_split(rows, spec)
+        assert result.metrics["champion_mae"] == pytest.approx(_mae_on(champion, holdout, spec), rel=1e-12)
