@@ -405,6 +405,42 @@ def test_two_registries_alternating(tmp_path: Path, model: tuple[str, Any, Any])
     assert statuses(one, a) == statuses(two, a)
 
 
+def _sorted_rows(table: pa.Table) -> list[dict[str, Any]]:
+    return sorted(table.to_pylist(), key=lambda r: (r["pid"], r["version"], r["status"]))
+
+
+def test_views_kept_in_memory_follow_other_writers(tmp_path: Path, model: tuple[str, Any, Any]) -> None:
+    """A registry object moves its views forward by the new commits only; whatever other writers did
+    meanwhile (commits, promotions, checkpoints that delete old commits), it shows what a fresh
+    reader of the log shows."""
+    text = model[0]
+    url = str(tmp_path / "shared")
+    reader, writer = Registry(url), Registry(url)
+    parts = [{"station": f"s{i}"} for i in range(5)]
+    rng = np.random.default_rng(7)
+
+    def same_as_fresh() -> None:
+        fresh = Registry(url)
+        assert _sorted_rows(reader.live(JOB)) == _sorted_rows(fresh.live(JOB))
+        assert _sorted_rows(reader.table(JOB)) == _sorted_rows(fresh.table(JOB))
+
+    writer.commit(JOB, [new_version(writer, p, text) for p in parts])
+    same_as_fresh()
+    for step in range(3):  # a few commits at a time: the reader's views move forward by them
+        for _ in range(4):
+            chosen = sorted(set(rng.integers(0, 5, 3).tolist()))
+            writer.commit(JOB, [new_version(writer, parts[i], text, promote=bool(rng.random() < 0.6))
+                                for i in chosen])
+        writer.promote(JOB, parts[step], 1)
+        same_as_fresh()
+    for _ in range(25):  # enough commits and checkpoints that the reader's last commit is deleted
+        writer.commit(JOB, [new_version(writer, parts[0], text)])
+        writer.compact(JOB)
+    assert not (tmp_path / "shared" / JOB / "log" / f"{12:020d}.parquet").exists()
+    same_as_fresh()
+    check_index(reader)
+
+
 def test_two_registries_concurrent_threads(tmp_path: Path, model: tuple[str, Any, Any]) -> None:
     text = model[0]
     url = str(tmp_path / "shared")
