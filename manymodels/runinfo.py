@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import os
 import platform
 import resource
 import secrets
@@ -30,14 +31,20 @@ def peak_rss_mb() -> float:
     ``ru_maxrss`` is carried over from the parent on Linux (a process started by one that held
     4 GB reports at least 4 GB), so it is only the fallback where ``/proc`` is missing.
     """
+    global _STATUS
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
+        if _STATUS is None or _STATUS[0] != os.getpid():  # a forked child must not read its parent's
+            _STATUS = (os.getpid(), os.open("/proc/self/status", os.O_RDONLY))
+        data = os.pread(_STATUS[1], 16384, 0)  # read per partition: no open/close each time
+        at = data.find(b"VmHWM:")
+        if at >= 0:
+            return int(data[at + 6:data.index(b"kB", at)]) / 1024.0
+    except (OSError, ValueError):
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+_STATUS: tuple[int, int] | None = None  # (pid, fd of /proc/self/status) of this process
 
 
 def environment() -> dict[str, str]:

@@ -91,6 +91,28 @@ class Store:
         except OSError as exc:
             raise self._wrap(exc, key, "write") from exc
 
+    def write_unpublished(self, key: str, data: bytes) -> None:
+        """Write an object that no reader looks at yet: a model file, named by its run and partition,
+        which becomes visible only when a registry commit names it (after this returns).
+
+        Locally it is written in place (no temporary file and rename, no fsync): a crash or a retried
+        task leaves at worst a partial file that no commit names. Object stores write it whole.
+        """
+        path = self.path(key)
+        try:
+            if self.local:
+                try:
+                    f = open(path, "wb")  # noqa: SIM115 - closed by the with below
+                except FileNotFoundError:  # the partition's first model: its folder is new
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    f = open(path, "wb")  # noqa: SIM115
+                with f:
+                    f.write(data)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as exc:
+            raise self._wrap(exc, key, "write") from exc
+
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Create ``key`` with ``data`` only if it does not exist yet; ``False`` when it already does.
 

@@ -249,7 +249,7 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
             model_key = Registry.model_key(spec.name, p.pid, ctx.run_id)
             # Not fsynced one by one (that costs more than training a small model); see README
             # "Reliability" for what a machine crash can cost.
-            store.write_bytes(model_key, result.model_str.encode(), durable=False)
+            store.write_unpublished(model_key, result.model_str.encode())
         except (PartitionError, PartitionTimeout, StorageError) as exc:
             out.append(_outcome(p, res, status="failed", reason=str(exc), rows=len(part),
                                 wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0))

@@ -40,6 +40,18 @@ def test_write_replaces_atomically_without_leftovers(store: Store, tmp_path: Pat
     assert not any(".tmp-" in name for name in os.listdir(tmp_path / "root" / "k"))
 
 
+def test_write_unpublished_creates_folders_and_rewrites_in_place(store: Store, tmp_path: Path) -> None:
+    store.write_unpublished("models/p1/run-a.txt", b"first")  # a new partition folder
+    store.write_unpublished("models/p1/run-b.txt", b"second")  # the folder exists
+    store.write_unpublished("models/p1/run-a.txt", b"again")  # a retried task rewrites its file
+    assert store.read_bytes("models/p1/run-a.txt") == b"again"
+    assert all_files(tmp_path / "root") == ["models/p1/run-a.txt", "models/p1/run-b.txt"]
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"x")
+    with pytest.raises(StorageError):
+        Store(str(blocker)).write_unpublished("m/k.txt", b"1")
+
+
 def test_read_missing_raises_file_not_found(store: Store) -> None:
     with pytest.raises(FileNotFoundError):
         store.read_bytes("nope.txt")
