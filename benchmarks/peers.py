@@ -37,9 +37,10 @@ registry)):
   (spec, reading and planning), Ray start, tasks (with the driver's index commits inside),
   shutdown, after (index compaction and the run record).
 
-Prints a table (wall, ratio to the serial loop, driver peak RSS as ``VmHWM``, mean holdout MAE) and
-writes JSON (``--out``, default ``benchmarks/out/peers.json``). Exits 1 when a method's mean MAE
-differs from the serial loop's at 4 decimals. Examples::
+Prints a table (wall, ratio to the serial loop, driver peak RSS as ``VmHWM``, mean holdout MAE, and,
+as signs of other work on a shared machine, the driver's CPU seconds and the 1-minute load average
+before and after) and writes JSON (``--out``, default ``benchmarks/out/peers.json``). Exits 1 when a
+method's mean MAE differs from the serial loop's at 4 decimals. Examples::
 
     python benchmarks/peers.py --shape uniform --n 10000 --rows 500
     python benchmarks/peers.py --shape skewed --n 4000
@@ -355,9 +356,13 @@ def child(method: str, data: str, registry: str) -> None:
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "serial": lambda: run_serial(data), "procpool": lambda: run_procpool(data),
         "ray_batch": lambda: run_ray_batch(data), "manymodels": lambda: run_manymodels(data, registry)}
+    load0, cpu0 = os.getloadavg()[0], time.process_time()
     result = runners[method]()
     maes = result.pop("maes")
-    result.update(mean_mae=float(numpy.mean(maes)) if maes else float("nan"), driver_peak_mb=peak_rss_mb())
+    # The machine is shared: the driver's CPU time (for the serial loop, the share of a core it got)
+    # and the load average around the run say how much other work competed with it.
+    result.update(mean_mae=float(numpy.mean(maes)) if maes else float("nan"), driver_peak_mb=peak_rss_mb(),
+                  driver_cpu_s=time.process_time() - cpu0, load_1m=[load0, os.getloadavg()[0]])
     print("RESULT " + json.dumps(result))
 
 
@@ -433,12 +438,14 @@ def main() -> None:
     same = all(round(r["mean_mae"], 4) == reference for r in results)
     print(f"\n{args.shape}: {facts['partitions']} stations × {args.rows} rows"
           f"{' (median)' if skewed else ''}, {CPUS} CPUs, {when}")
-    print("| method | wall s | × serial | driver peak MB | mean holdout MAE | models |")
-    print("|---|---|---|---|---|---|")
+    print("| method | wall s | × serial | driver peak MB | mean holdout MAE | models | driver CPU s "
+          "| load avg before → after |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         ratio = f"{r['ratio_to_serial']:.2f}" if r["ratio_to_serial"] is not None else "–"
         print(f"| {r['method']} | {r['wall_s']:.1f} | {ratio} | {r['driver_peak_mb']:.0f} | "
-              f"{r['mean_mae']:.4f} | {r['models']} |")
+              f"{r['mean_mae']:.4f} | {r['models']} | {r['driver_cpu_s']:.1f} | "
+              f"{r['load_1m'][0]:.1f} → {r['load_1m'][1]:.1f} |")
     for r in results:
         if r["method"] == "ray_batch":
             print(f"ray_batch: import ray {r['ray_import_s']:.1f}s, ray.init {r['ray_init_s']:.1f}s (in its "
