@@ -51,12 +51,13 @@ def test_peers_trains_the_same_models_with_every_method(tmp_path: Path) -> None:
     assert "| manymodels |" in proc.stdout
 
 
-def test_peers_uniform_shape_and_a_subset_of_methods(tmp_path: Path) -> None:
-    _, result = _run(tmp_path, "--n", "6", "--rows", "40", "--methods", "serial")
-    assert [r["method"] for r in result["results"]] == ["serial"]
+def test_peers_uniform_shape_a_subset_of_methods_and_repeats(tmp_path: Path) -> None:
+    _, result = _run(tmp_path, "--n", "6", "--rows", "40", "--methods", "serial", "--repeats", "2")
+    assert [(r["method"], r["repeat"]) for r in result["results"]] == [("serial", 0), ("serial", 1)]
     assert result["data"] == {"partitions": 6, "total_rows": 240, "rows_min": 40, "rows_median": 40.0,
                               "rows_p90": 40.0, "rows_p99": 40.0, "rows_max": 40}
-    assert result["results"][0]["models"] == 6 and result["results"][0]["ratio_to_serial"] == 1.0
+    assert all(r["models"] == 6 and r["ratio_to_serial"] == 1.0 for r in result["results"])
+    assert result["median_ratio_to_serial"] == {"serial": 1.0}
 
 
 def test_peers_rejects_an_unknown_method(tmp_path: Path) -> None:
