@@ -34,8 +34,9 @@ registry)):
   registry: its wall includes its embedded Ray's start *and* shutdown, planning, the registry
   writes (models, index commits, run record) and the import. From its run record and from timers
   put around its phases in that process, the JSON also splits its wall: import, before Ray
-  (spec, reading and planning), Ray start, tasks (with the driver's index commits inside),
-  shutdown, after (index compaction and the run record).
+  (spec, reading and planning), Ray start, tasks (with the driver's index commits inside; split
+  by the per-partition records into the wait for the first partition, the partitions, and the
+  tail after the last), shutdown, after (index compaction and the run record).
 
 Prints a table (wall, ratio to the serial loop, driver peak RSS as ``VmHWM``, mean holdout MAE, and,
 as signs of other work on a shared machine, the driver's CPU seconds and the 1-minute load average
@@ -314,7 +315,7 @@ class _Phases:
 
 def run_manymodels(data: str, registry: str) -> dict[str, Any]:
     shutil.rmtree(registry, ignore_errors=True)
-    t0 = time.perf_counter()
+    t0, epoch0 = time.perf_counter(), time.time()  # partitions' start times are epoch seconds
     import manymodels
     from manymodels.engine import Engine
     from manymodels.pipeline import lgb_params
@@ -335,9 +336,21 @@ def run_manymodels(data: str, registry: str) -> dict[str, Any]:
     _, parts = Registry(registry).run(summary.run_id)
     assert parts is not None
     trained = parts[parts["status"] == "trained"]
+    # From the per-partition records: first partition start to last partition end, and how many
+    # partitions ran at once on average over that span (the work's share of the CPUs while tasks ran).
+    ends = parts["started_s"] + parts["wall_s"]
+    first, last = float(parts["started_s"].min()) - epoch0, float(ends.max()) - epoch0
+    span = last - first
+    work = float(parts["wall_s"].sum())
+    split = phases.split(import_s, wall)
+    if split:  # the tasks phase: waiting for the first partition, the partitions, the tail after them
+        ray_up = split["import"] + split["before_ray"] + split["ray_start"]
+        split.update(to_first_partition=first - ray_up, partitions_span=span,
+                     after_last_partition=ray_up + split["tasks"] - last)
     return {"wall_s": wall, "models": summary.trained, "failed": summary.failed,
-            "maes": trained["metric"].tolist(), "phases_s": phases.split(import_s, wall),
-            "partition_work_s": float(parts["wall_s"].sum()), "utilisation": summary.cost.utilisation,
+            "maes": trained["metric"].tolist(), "phases_s": split,
+            "partition_work_s": work, "partitions_span_s": span,
+            "mean_concurrency": work / span if span else 0.0, "utilisation": summary.cost.utilisation,
             "lgb_params": lgb_params(spec, 1)}
 
 
@@ -469,12 +482,16 @@ def main() -> None:
                 print(f"manymodels rep {r['repeat']} wall: " + ", ".join(
                     f"{k} {ph[k]:.1f}s" for k in ("import", "before_ray", "ray_start", "tasks",
                                                    "ray_shutdown", "after")))
+                print(f"  tasks: {ph['to_first_partition']:.1f}s to the first partition's start, "
+                      f"{ph['partitions_span']:.1f}s of partitions, {ph['after_last_partition']:.1f}s "
+                      "from the last partition's end to shutdown")
                 print(f"  inside: plan_partitions {ph.get('plan_partitions', math.nan):.1f}s, index commits "
                       f"{ph.get('index_commits', math.nan):.1f}s ({ph.get('index_commits_calls', 0):.0f}), "
                       f"run record writes {ph.get('run_record', math.nan):.1f}s, compaction "
                       f"{ph.get('compact', math.nan):.1f}s")
-            print(f"  partition work (sum of per-partition wall) {r['partition_work_s']:.1f}s, "
-                  f"utilisation {r['utilisation']:.2f}")
+            print(f"  partition work (sum of per-partition wall) {r['partition_work_s']:.1f}s over "
+                  f"{r['partitions_span_s']:.1f}s from first start to last end (mean concurrency "
+                  f"{r['mean_concurrency']:.2f}); utilisation of the whole wall {r['utilisation']:.2f}")
             if r["lgb_params"] != PARAMS:
                 print(f"NOTE: manymodels' LightGBM parameters {r['lgb_params']} differ from the loop's "
                       f"{PARAMS}")

@@ -44,7 +44,9 @@ def test_peers_trains_the_same_models_with_every_method(tmp_path: Path) -> None:
         assert r["wall_s"] > 0 and r["driver_peak_mb"] > 0 and r["ratio_to_serial"] > 0
     mm = result["results"][-1]
     assert mm["failed"] == 0
-    assert set(mm["phases_s"]) >= {"import", "before_ray", "ray_start", "tasks", "ray_shutdown", "after"}
+    assert set(mm["phases_s"]) >= {"import", "before_ray", "ray_start", "tasks", "ray_shutdown", "after",
+                                   "to_first_partition", "partitions_span", "after_last_partition"}
+    assert mm["partition_work_s"] > 0 and mm["mean_concurrency"] > 0
     # The hand-written peers pass LightGBM exactly what manymodels passes for this job.
     spec = load_spec(ROOT / "benchmarks" / "peers.toml")
     assert result["loop_params"] == mm["lgb_params"] == lgb_params(spec, 1)
