@@ -1,0 +1,141 @@
+"""Start-up: a one-partition ``manymodels train`` and ``score`` against Ray's own start and stop.
+
+Each method runs in a fresh process, timed from outside (launch to exit, as a user or a scheduler
+sees it), interleaved and repeated; the table shows medians:
+
+- ``python``: ``python -c pass``, the interpreter alone.
+- ``ray``: ``ray.init(address="local"); ray.shutdown()`` with the options manymodels starts its
+  embedded Ray with (no dashboard, 256 MB object store, usage stats off), so the difference to it is
+  what manymodels adds: its imports, reading and planning, the worker's LightGBM import, training,
+  the registry writes, the run record and the way out.
+- ``train``: ``manymodels train --job <one-partition job> --force`` (the console script; ``--force``
+  so that every repeat trains instead of skipping unchanged data).
+- ``score``: ``manymodels score --job <the same job>``.
+- ``help``: ``manymodels --help``.
+
+Every command must exit 0; the goal (issue 9) is train and score within ``ray`` + 0.5 s, help ≤ 0.3 s.
+Prints a table and writes JSON (``--out``). Example::
+
+    python benchmarks/startup.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from harness import clean_env  # noqa: E402
+
+# The options of manymodels.engine.Engine's embedded start, so that the baseline is Ray doing the same.
+RAY_ONLY = ("import logging, os; os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0'); import ray; "
+            "ray.init(address='local', include_dashboard=False, logging_level=logging.WARNING, "
+            "object_store_memory=256 * 1024 * 1024); ray.shutdown()")
+METHODS = ("python", "ray", "train", "score", "help")
+
+
+def _console_script() -> list[str]:
+    """``manymodels`` as installed beside this interpreter, else the same entry point via ``-c``."""
+    script = Path(sys.executable).parent / "manymodels"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from manymodels.cli import main; main()"]
+
+
+def _write_job(work: Path, hours: int) -> Path:
+    """One station's hourly rows and the demo job spec over them, all under ``work``."""
+    from manymodels.synth import make_transit, write_transit
+
+    data = work / "data"
+    write_transit(make_transit(1, hours), str(data), layout="flat", files=1)
+    text = (ROOT / "jobs" / "transit.toml").read_text()
+    text = (text.replace('source = "partitions/transit"', f'source = "{data}"')
+            .replace('prepare = "jobs/transit.py:prepare"', f'prepare = "{ROOT}/jobs/transit.py:prepare"')
+            .replace('registry = "registry"', f'registry = "{work / "registry"}"')
+            .replace('scores = "scores"', f'scores = "{work / "scores"}"'))
+    job = work / "job.toml"
+    job.write_text(text)
+    return job
+
+
+def _commands(job: Path) -> dict[str, list[str]]:
+    mm = _console_script()
+    return {"python": [sys.executable, "-c", "pass"],
+            "ray": [sys.executable, "-c", RAY_ONLY],
+            "train": [*mm, "train", "--job", str(job), "--force"],
+            "score": [*mm, "score", "--job", str(job)],
+            "help": [*mm, "--help"]}
+
+
+def _run(cmd: list[str], label: str) -> float:
+    """Wall seconds of ``cmd`` from launch to exit; exits naming ``label`` if it fails."""
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"{label} failed (exit {proc.returncode})")
+    return wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hours", type=int, default=24 * 28, help="rows of the one partition (hours)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--workdir", default=str(HERE / "out" / "startup"))
+    ap.add_argument("--out", default=None, help="JSON file (default: benchmarks/out/startup.json)")
+    args = ap.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods: {', '.join(sorted(unknown))}")
+
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cmds = _commands(_write_job(work, args.hours))
+    # Untimed: the first train makes the models that score reads, and warms the file cache.
+    _run(cmds["train"], "train (untimed first run)")
+    walls: dict[str, list[float]] = {m: [] for m in methods}
+    for rep in range(args.repeats):
+        for m in methods:
+            walls[m].append(_run(cmds[m], m))
+        print(f"rep {rep}: " + "  ".join(f"{m} {walls[m][-1]:.2f}s" for m in methods), flush=True)
+
+    med = {m: statistics.median(w) for m, w in walls.items()}
+    ray = med.get("ray")
+    print(f"\none partition × {args.hours} rows, {args.repeats} repeats, {os.cpu_count()} CPUs; "
+          "each a fresh process, timed launch to exit")
+    print("| method | median s | min s | max s | − ray s |")
+    print("|---|---|---|---|---|")
+    for m in methods:
+        diff = f"{med[m] - ray:+.2f}" if ray is not None and m in ("train", "score") else ""
+        print(f"| {m} | {med[m]:.2f} | {min(walls[m]):.2f} | {max(walls[m]):.2f} | {diff} |")
+    result: dict[str, Any] = {"hours": args.hours, "repeats": args.repeats, "cpus": os.cpu_count(),
+                              "commands": {m: cmds[m] for m in methods}, "walls_s": walls,
+                              "median_s": med}
+    if ray is not None:
+        result["over_ray_s"] = {m: med[m] - ray for m in ("train", "score") if m in med}
+    out = Path(args.out) if args.out else HERE / "out" / "startup.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
