@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -125,6 +125,26 @@ def _call(fn: Callable[..., Any], payload: Any, shared: Any) -> tuple[Any, str, 
     return result, ray.get_runtime_context().get_node_id(), time.perf_counter() - started
 
 
+def _kill_monitor() -> None:
+    """End the embedded Ray's autoscaler monitor at once, just before ``ray.shutdown()``.
+
+    ``ray.shutdown()`` stops the raylet and the GCS first, then sends the monitor SIGTERM; its handler
+    then tries to report to the GCS that is already gone, and after a second Ray kills it with SIGKILL
+    (every time: a third to two thirds of the whole shutdown). A local instance has no autoscaler
+    state to save, so that same SIGKILL is sent first, and the shutdown does not wait. Reaches into
+    Ray's private node object; if that is not there (another Ray version), Ray's own path is taken.
+    """
+    try:
+        from ray._private import ray_constants, worker
+
+        processes = worker._global_node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])
+    except (ImportError, AttributeError):
+        return
+    for info in processes:
+        with suppress(OSError):
+            info.process.kill()
+
+
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail at once when ``HOST:PORT`` (or ``ray://HOST:PORT``) accepts no connection.
 
@@ -188,6 +208,8 @@ class Engine:
         import ray
 
         if self._started:
+            if not self.address:
+                _kill_monitor()
             ray.shutdown()
             self._started = False
 
