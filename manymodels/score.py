@@ -48,7 +48,6 @@ from manymodels.data import (
 from manymodels.engine import NOT_SUBMITTED, Engine, TaskResources
 from manymodels.fallback import global_spec
 from manymodels.pipeline import PartitionError, load_prepare, predict_partition
-from manymodels.progress import RunProgress
 from manymodels.registry import Registry, encode_partition, partition_id
 from manymodels.runinfo import environment, new_run_id, utc_now
 from manymodels.spec import JobSpec, SpecError
@@ -488,6 +487,10 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         SpecError, InputError, StorageError: bad spec, data or output, before anything is written.
     """
     started = time.perf_counter()
+    # Here, not with the module: Ray workers import this module for its chunk function, and the
+    # progress bar's Rich would only slow their first task.
+    from manymodels.progress import RunProgress
+
     spec = resolve_spec(spec, {"data": data, "partition_by": partition_by, "target": target,
                                "registry": registry, "output": output})
     if model_version is not None and train_run:

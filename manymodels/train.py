@@ -44,7 +44,6 @@ from manymodels.data import (
 )
 from manymodels.engine import NOT_SUBMITTED, Engine, TaskResources, pack_chunks
 from manymodels.pipeline import PartitionError, check_device, load_prepare, resolve_device, train_partition
-from manymodels.progress import RunProgress
 from manymodels.registry import GLOBAL_PID, NewVersion, Registry, encode_partition, partition_id
 from manymodels.runinfo import environment, new_run_id, peak_rss_mb, utc_now
 from manymodels.spec import JobSpec, SpecError, load_spec, spec_hash
@@ -390,6 +389,10 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         SpecError, InputError, StorageError: bad spec, data or registry, before anything is written.
     """
     started = time.perf_counter()
+    # Here, not with the module: Ray workers import this module for its chunk function, and the
+    # progress bar's Rich would only slow their first task.
+    from manymodels.progress import RunProgress
+
     spec = resolve_spec(spec, {"data": data, "partition_by": partition_by, "target": target,
                                "registry": registry})
     if limit is not None and limit < 1:

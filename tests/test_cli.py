@@ -271,8 +271,9 @@ def test_help_imports_no_heavy_library(clean_env: dict[str, str]) -> None:
 
 def test_package_names_load_on_first_use(clean_env: dict[str, str]) -> None:
     """The package's names are imported lazily, and `manymodels.train` / `manymodels.score` stay the
-    functions even when their modules were imported first (as a Ray worker does)."""
+    functions even when their modules were imported first (as a Ray worker does, without Rich)."""
     code = ("import sys\nimport manymodels.train, manymodels.score\nimport manymodels\n"
+            "assert 'rich' not in sys.modules  # a worker's first task does not wait for the progress bar\n"
             "from manymodels import Registry, RunSummary, InputError, load_spec\n"
             "assert manymodels.train.__module__ == 'manymodels.train' and callable(manymodels.train)\n"
             "assert manymodels.score.__module__ == 'manymodels.score' and callable(manymodels.score)\n"
