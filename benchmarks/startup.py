@@ -8,6 +8,8 @@ sees it), interleaved and repeated; the table shows medians:
   embedded Ray with (no dashboard, 256 MB object store, usage stats off), so the difference to it is
   what manymodels adds: its imports, reading and planning, the worker's LightGBM import, training,
   the registry writes, the run record and the way out.
+- ``ray_default``: the same two calls with Ray's defaults (its dashboard if installed; usage stats
+  off), for reference: the stricter baseline is ``ray``.
 - ``train``: ``manymodels train --job <one-partition job> --force`` (the console script; ``--force``
   so that every repeat trains instead of skipping unchanged data).
 - ``score``: ``manymodels score --job <the same job>``.
@@ -43,7 +45,9 @@ from harness import clean_env  # noqa: E402
 RAY_ONLY = ("import logging, os; os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0'); import ray; "
             "ray.init(address='local', include_dashboard=False, logging_level=logging.WARNING, "
             "object_store_memory=256 * 1024 * 1024); ray.shutdown()")
-METHODS = ("python", "ray", "train", "score", "help")
+RAY_DEFAULT = ("import os; os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0'); import ray; "
+               "ray.init(address='local'); ray.shutdown()")
+METHODS = ("python", "ray", "ray_default", "train", "score", "help")
 
 
 def _console_script() -> list[str]:
@@ -74,6 +78,7 @@ def _commands(job: Path) -> dict[str, list[str]]:
     mm = _console_script()
     return {"python": [sys.executable, "-c", "pass"],
             "ray": [sys.executable, "-c", RAY_ONLY],
+            "ray_default": [sys.executable, "-c", RAY_DEFAULT],
             "train": [*mm, "train", "--job", str(job), "--force"],
             "score": [*mm, "score", "--job", str(job)],
             "help": [*mm, "--help"]}
@@ -120,18 +125,23 @@ def main() -> None:
     med = {m: statistics.median(w) for m, w in walls.items()}
     # On a busy machine one repeat's Ray start can take twice another's; a repeat runs its methods
     # back to back, so the difference within each repeat is steadier than the difference of medians.
-    paired = {m: statistics.median(a - b for a, b in zip(walls[m], walls["ray"], strict=True))
-              for m in ("train", "score") if m in walls and "ray" in walls}
+    def paired(base: str) -> dict[str, float]:
+        return {m: statistics.median(a - b for a, b in zip(walls[m], walls[base], strict=True))
+                for m in ("train", "score") if m in walls and base in walls}
+
+    over, over_default = paired("ray"), paired("ray_default")
     print(f"\none partition × {args.hours} rows, {args.repeats} repeats, {os.cpu_count()} CPUs; "
           "each a fresh process, timed launch to exit")
-    print("| method | median s | min s | max s | median of (method − ray) per repeat, s |")
-    print("|---|---|---|---|---|")
+    print("| method | median s | min s | max s | median of (method − ray) per repeat, s "
+          "| same, − ray_default |")
+    print("|---|---|---|---|---|---|")
     for m in methods:
-        diff = f"{paired[m]:+.2f}" if m in paired else ""
-        print(f"| {m} | {med[m]:.2f} | {min(walls[m]):.2f} | {max(walls[m]):.2f} | {diff} |")
+        diff = f"{over[m]:+.2f}" if m in over else ""
+        diff_default = f"{over_default[m]:+.2f}" if m in over_default else ""
+        print(f"| {m} | {med[m]:.2f} | {min(walls[m]):.2f} | {max(walls[m]):.2f} | {diff} | {diff_default} |")
     result: dict[str, Any] = {"hours": args.hours, "repeats": args.repeats, "cpus": os.cpu_count(),
                               "commands": {m: cmds[m] for m in methods}, "walls_s": walls,
-                              "median_s": med, "over_ray_s": paired}
+                              "median_s": med, "over_ray_s": over, "over_ray_default_s": over_default}
     out = Path(args.out) if args.out else HERE / "out" / "startup.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
