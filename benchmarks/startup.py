@@ -15,10 +15,14 @@ sees it), interleaved and repeated; the table shows medians:
 - ``score``: ``manymodels score --job <the same job>``.
 - ``help``: ``manymodels --help``.
 
+With ``--before DIR`` (a source tree of an earlier version, e.g. ``git archive <rev> | tar -x -C
+DIR``), ``train_before``, ``score_before`` and ``help_before`` run the same commands on that tree's
+package, interleaved with the rest, each with its own registry.
+
 Every command must exit 0; the goal (issue 9) is train and score within ``ray`` + 0.5 s, help ≤ 0.3 s.
 Prints a table and writes JSON (``--out``). Example::
 
-    python benchmarks/startup.py --repeats 5
+    python benchmarks/startup.py --repeats 5 --before /tmp/manymodels-before
 """
 
 from __future__ import annotations
@@ -58,15 +62,15 @@ def _console_script() -> list[str]:
     return [sys.executable, "-c", "from manymodels.cli import main; main()"]
 
 
-def _write_job(work: Path, hours: int) -> Path:
-    """One station's hourly rows and the demo job spec over them, all under ``work``."""
+def _write_job(work: Path, hours: int, root: Path) -> Path:
+    """One station's hourly rows and the demo job spec (``root``'s) over them, all under ``work``."""
     from manymodels.synth import make_transit, write_transit
 
     data = work / "data"
     write_transit(make_transit(1, hours), str(data), layout="flat", files=1)
-    text = (ROOT / "jobs" / "transit.toml").read_text()
+    text = (root / "jobs" / "transit.toml").read_text()
     text = (text.replace('source = "partitions/transit"', f'source = "{data}"')
-            .replace('prepare = "jobs/transit.py:prepare"', f'prepare = "{ROOT}/jobs/transit.py:prepare"')
+            .replace('prepare = "jobs/transit.py:prepare"', f'prepare = "{root}/jobs/transit.py:prepare"')
             .replace('registry = "registry"', f'registry = "{work / "registry"}"')
             .replace('scores = "scores"', f'scores = "{work / "scores"}"'))
     job = work / "job.toml"
@@ -74,20 +78,22 @@ def _write_job(work: Path, hours: int) -> Path:
     return job
 
 
-def _commands(job: Path) -> dict[str, list[str]]:
+def _commands(job: Path, suffix: str = "") -> dict[str, list[str]]:
     mm = _console_script()
-    return {"python": [sys.executable, "-c", "pass"],
-            "ray": [sys.executable, "-c", RAY_ONLY],
-            "ray_default": [sys.executable, "-c", RAY_DEFAULT],
-            "train": [*mm, "train", "--job", str(job), "--force"],
+    cmds = {"train": [*mm, "train", "--job", str(job), "--force"],
             "score": [*mm, "score", "--job", str(job)],
             "help": [*mm, "--help"]}
+    if not suffix:
+        cmds |= {"python": [sys.executable, "-c", "pass"], "ray": [sys.executable, "-c", RAY_ONLY],
+                 "ray_default": [sys.executable, "-c", RAY_DEFAULT]}
+    return {f"{m}{suffix}": c for m, c in cmds.items()}
 
 
-def _run(cmd: list[str], label: str) -> float:
-    """Wall seconds of ``cmd`` from launch to exit; exits naming ``label`` if it fails."""
+def _run(cmd: list[str], label: str, root: Path = ROOT) -> float:
+    """Wall seconds of ``cmd`` (importing ``root``'s package) from launch to exit; exits naming
+    ``label`` if it fails."""
     env = clean_env()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - t0
@@ -104,6 +110,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--workdir", default=str(HERE / "out" / "startup"))
     ap.add_argument("--out", default=None, help="JSON file (default: benchmarks/out/startup.json)")
+    ap.add_argument("--before", default=None, help="source tree of an earlier version to run beside")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
@@ -112,14 +119,23 @@ def main() -> None:
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    cmds = _commands(_write_job(work, args.hours))
+    (work / "now").mkdir(parents=True)
+    cmds = _commands(_write_job(work / "now", args.hours, ROOT))
+    roots = {m: ROOT for m in cmds}
     # Untimed: the first train makes the models that score reads, and warms the file cache.
     _run(cmds["train"], "train (untimed first run)")
+    if args.before:
+        before = Path(args.before).resolve()
+        (work / "before").mkdir()
+        more = _commands(_write_job(work / "before", args.hours, before), "_before")
+        cmds |= more
+        roots |= {m: before for m in more}
+        _run(cmds["train_before"], "train_before (untimed first run)", before)
+        methods += [m for m in more if m.removesuffix("_before") in methods]
     walls: dict[str, list[float]] = {m: [] for m in methods}
     for rep in range(args.repeats):
         for m in methods:
-            walls[m].append(_run(cmds[m], m))
+            walls[m].append(_run(cmds[m], m, roots[m]))
         print(f"rep {rep}: " + "  ".join(f"{m} {walls[m][-1]:.2f}s" for m in methods), flush=True)
 
     med = {m: statistics.median(w) for m, w in walls.items()}
@@ -127,7 +143,7 @@ def main() -> None:
     # back to back, so the difference within each repeat is steadier than the difference of medians.
     def paired(base: str) -> dict[str, float]:
         return {m: statistics.median(a - b for a, b in zip(walls[m], walls[base], strict=True))
-                for m in ("train", "score") if m in walls and base in walls}
+                for m in ("train", "score", "train_before", "score_before") if m in walls and base in walls}
 
     over, over_default = paired("ray"), paired("ray_default")
     print(f"\none partition × {args.hours} rows, {args.repeats} repeats, {os.cpu_count()} CPUs; "
