@@ -7,39 +7,63 @@ error on stderr; a run with too many failed partitions exits 1.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import math
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.table import Column, Table
-from rich.text import Text
 
-from manymodels.data import InputError
-from manymodels.registry import Registry, RegistryError
-from manymodels.spec import SpecError, load_spec
-from manymodels.storage import StorageError
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    from manymodels.registry import Registry
+
+# Only typer is imported with this module: `manymodels --help` and a bad flag answer at once. Each
+# command imports what it uses (pandas, pyarrow, Ray and LightGBM come with the library modules).
 
 __all__ = ["app", "main"]
 
+# rich_markup_mode=None: plain help and usage errors. Typer's Rich formatting imports Markdown support
+# (about 0.15 s, half of what `manymodels --help` would take); our own output still uses Rich.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Train and batch-score one LightGBM model per partition, fanned out with Ray.")
 runs_app = typer.Typer(no_args_is_help=True, help="Past train and score runs.")
 models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
 
-# markup=False: messages, partition values and reasons hold user text ("[/]" would crash Rich's markup
-# parser, "[bogus]" would vanish); styling goes through Text instead.
-out = Console(soft_wrap=True, markup=False)
-err = Console(stderr=True, soft_wrap=True, markup=False)
+
+@functools.cache
+def _console(stderr: bool = False) -> Console:
+    """The console for stdout (or stderr), made on first use.
+
+    markup=False: messages, partition values and reasons hold user text ("[/]" would crash Rich's
+    markup parser, "[bogus]" would vanish); styling goes through Text instead. The console writes to
+    whatever ``sys.stdout``/``sys.stderr`` is when it prints, so one made once serves every call.
+    """
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=True, markup=False)
+
+
+def _out() -> Console:
+    return _console(False)
+
+
+def _err() -> Console:
+    return _console(True)
+
 
 JobOpt = Annotated[Path | None, typer.Option("--job", help="Job spec TOML file.", dir_okay=False)]
 DataOpt = Annotated[str | None, typer.Option("--data", help="Input data URL (overrides data.source).")]
@@ -53,14 +77,20 @@ JobRefOpt = Annotated[str | None, typer.Option("--job", help="Job spec file or j
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False)
+    from rich.text import Text
+
+    _err().print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False)
     return typer.Exit(code)
 
 
 @contextmanager
 def _errors() -> Iterator[None]:
     """Turn the library's input errors into one line on stderr and exit code 2."""
+    from manymodels.data import InputError
     from manymodels.engine import EngineError
+    from manymodels.registry import RegistryError
+    from manymodels.spec import SpecError
+    from manymodels.storage import StorageError
 
     try:
         yield
@@ -116,6 +146,9 @@ def _split_cols(value: str | None) -> list[str] | None:
 
 def _registry_for(job: str | None, registry: str | None) -> tuple[Registry, str | None]:
     """The registry (and job name) named by ``--job`` (a spec file or a name) and ``--registry``."""
+    from manymodels.registry import Registry
+    from manymodels.spec import SpecError, load_spec
+
     name = job
     url = registry
     if job and (job.endswith(".toml") or Path(job).is_file()):
@@ -143,25 +176,27 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train one model per partition and register the new versions."""
+    from rich.text import Text
+
     from manymodels.train import train as run_train
 
     with _errors(), _stdout_to_stderr(as_json):
         summary = run_train(job, data=data, partition_by=_split_cols(partition_by), target=target,
                             registry=registry, address=address, only=only, limit=limit, force=force)
     for warning in summary.warnings:  # once per run, whatever the number of partitions concerned
-        err.print(f"warning: {warning}", highlight=False)
+        _err().print(f"warning: {warning}", highlight=False)
     if as_json:
         _print_json(summary.to_dict())
     else:
         s = summary
-        out.print(Text.assemble((s.job, "bold"), f" run {s.run_id}: {s.status} in {s.wall_s:.1f}s — "
+        _out().print(Text.assemble((s.job, "bold"), f" run {s.run_id}: {s.status} in {s.wall_s:.1f}s — "
                   f"{s.total} partitions: {s.trained} trained ({s.promoted} promoted), "
                   f"{s.skipped} skipped, {s.failed} failed"), highlight=False)
         for f in s.failures[:10]:
-            out.print(f"  failed {json.dumps(f['partition'])}: {f['reason']}", highlight=False)
+            _out().print(f"  failed {json.dumps(f['partition'])}: {f['reason']}", highlight=False)
         if len(s.failures) > 10:
-            out.print(f"  … and {len(s.failures) - 10} more (manymodels runs show {s.run_id})")
-        out.print(f"registry: {s.registry}   cost: ${s.cost.total_usd:.4f}", highlight=False)
+            _out().print(f"  … and {len(s.failures) - 10} more (manymodels runs show {s.run_id})")
+        _out().print(f"registry: {s.registry}   cost: ${s.cost.total_usd:.4f}", highlight=False)
     raise typer.Exit(summary.exit_code)
 
 
@@ -187,6 +222,8 @@ def score(
     as_json: JsonOpt = False,
 ) -> None:
     """Score every row with its partition's champion and write Parquet."""
+    from rich.text import Text
+
     from manymodels.score import score as run_score
 
     with _errors(), _stdout_to_stderr(as_json):
@@ -197,24 +234,28 @@ def score(
         _print_json(summary.to_dict())
     else:
         s = summary
-        out.print(Text.assemble((s.job, "bold"), f" run {s.run_id}: {s.status} in {s.wall_s:.1f}s — "
+        _out().print(Text.assemble((s.job, "bold"), f" run {s.run_id}: {s.status} in {s.wall_s:.1f}s — "
                   f"{s.input_rows:,} rows: {s.scored_rows:,} scored in {s.partitions_scored} partitions, "
                   f"{s.unscored_rows:,} unscored"), highlight=False)
         for u in s.unscored[:10]:
-            out.print(f"  unscored {json.dumps(u['partition'])} ({u['rows']} rows): {u['reason']}",
+            _out().print(f"  unscored {json.dumps(u['partition'])} ({u['rows']} rows): {u['reason']}",
                       highlight=False)
         if len(s.unscored) > 10:
-            out.print(f"  … and {len(s.unscored) - 10} more (manymodels runs show {s.run_id})")
-        out.print(f"output: {s.output}", highlight=False)
+            _out().print(f"  … and {len(s.unscored) - 10} more (manymodels runs show {s.run_id})")
+        _out().print(f"output: {s.output}", highlight=False)
     raise typer.Exit(summary.exit_code)
 
 
 def _ident(header: str) -> Column:
     """A column of identifiers (run ids, partitions): wrapped on narrow terminals, never cut with "…"."""
+    from rich.table import Column
+
     return Column(header, overflow="fold", min_width=24)
 
 
 def _runs_table(rows: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
     table = Table(_ident("run_id"), "job", "kind", "status", "started_at", "partitions / rows", "failed",
                   "wall_s", "total_usd")
     for r in rows:
@@ -237,15 +278,19 @@ def runs_list(job: JobRefOpt = None, registry: RegistryOpt = None, as_json: Json
     if as_json:
         _print_json([{k: v for k, v in r.items() if k not in ("spec", "environment")} for r in rows])
     elif not rows:
-        out.print(f"no runs in {reg.url}")
+        _out().print(f"no runs in {reg.url}")
     else:
-        out.print(_runs_table(rows))
+        _out().print(_runs_table(rows))
 
 
 @runs_app.command("show")
 def runs_show(run_id: Annotated[str, typer.Argument(help="The run id.")], registry: RegistryOpt = None,
               as_json: JsonOpt = False) -> None:
     """Show one run: counts, failures with reasons, cost and its most expensive partitions."""
+    from rich.table import Table
+
+    from manymodels.registry import Registry
+
     with _errors():
         reg = Registry(registry or "registry")
         record, parts = reg.run(run_id)
@@ -261,17 +306,17 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run id.")], regist
         counts = record.get("partitions")
         _print_json({**record, "partition_counts": counts, "partitions": part_rows})
         return
-    out.print(_runs_table([record]))
+    _out().print(_runs_table([record]))
     cost = record.get("cost") or {}
     if cost:
-        out.print(f"cost: total ${cost.get('total_usd', 0):.6f} = attributed "
+        _out().print(f"cost: total ${cost.get('total_usd', 0):.6f} = attributed "
                   f"${cost.get('attributed_usd', 0):.6f} + overhead ${cost.get('overhead_usd', 0):.6f}; "
                   f"cpu_seconds {cost.get('cpu_seconds', 0):.1f},"
                   f" gpu_seconds {cost.get('gpu_seconds', 0):.1f}, utilisation "
                   f"{cost.get('utilisation', 0):.0%}", highlight=False)
     failures = record.get("failures") or record.get("unscored") or []
     for f in failures[:20]:
-        out.print(f"  {json.dumps(f.get('partition'))}: {f.get('reason')}", highlight=False)
+        _out().print(f"  {json.dumps(f.get('partition'))}: {f.get('reason')}", highlight=False)
     if part_rows and "cost_usd" in part_rows[0]:
         top = sorted(part_rows, key=lambda r: r.get("cost_usd") or 0.0, reverse=True)[:10]
         table = Table(_ident("partition"), "status", "rows", "wall_s", "cpu_seconds", "gpu_seconds",
@@ -279,7 +324,7 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run id.")], regist
         for t in top:
             table.add_row(json.dumps(t["partition"]), t["status"], str(t["rows"]), f"{t['wall_s']:.3f}",
                           f"{t['cpu_seconds']:.3f}", f"{t['gpu_seconds']:.3f}", f"{t['cost_usd']:.8f}")
-        out.print(table)
+        _out().print(table)
 
 
 def _parse_partition(items: list[str] | None) -> dict[str, str] | None:
@@ -304,6 +349,8 @@ def models_list(job: JobRefOpt = None, registry: RegistryOpt = None, partition: 
                                                            "champions.")] = False,
                 as_json: JsonOpt = False) -> None:
     """List each partition's champion (or every version with --all)."""
+    from rich.table import Table
+
     with _errors():
         reg, name = _registry_for(job, registry)
         jobs = [name] if name else reg.jobs()
@@ -318,12 +365,14 @@ def models_list(job: JobRefOpt = None, registry: RegistryOpt = None, partition: 
         value = "" if m.metric_value is None else f"{m.metric}={m.metric_value:.4g}"
         table.add_row(m.job, json.dumps(m.partition), str(m.version), m.status, value, str(m.rows),
                       m.run_id, m.trained_at[:19])
-    out.print(table)
+    _out().print(table)
     if len(models) > 200:
-        out.print(f"… {len(models) - 200} more (use --json or --partition)")
+        _out().print(f"… {len(models) - 200} more (use --json or --partition)")
 
 
 def _one_job(reg: Registry, name: str | None) -> str:
+    from manymodels.registry import RegistryError
+
     if name:
         return name
     jobs = reg.jobs()
@@ -338,6 +387,8 @@ def models_show(partition: PartitionOpt = None, job: JobRefOpt = None, registry:
                                                             "the champion).")] = None,
                 as_json: JsonOpt = False) -> None:
     """Show one partition's champion (or a version): metrics, lineage and its model_uri."""
+    from rich.text import Text
+
     with _errors():
         reg, name = _registry_for(job, registry)
         parts = _parse_partition(partition)
@@ -348,7 +399,7 @@ def models_show(partition: PartitionOpt = None, job: JobRefOpt = None, registry:
         _print_json(mv.to_dict())
         return
     for k, v in mv.to_dict().items():
-        out.print(Text.assemble((k, "bold"), f": {json.dumps(v) if isinstance(v, dict | list) else v}"),
+        _out().print(Text.assemble((k, "bold"), f": {json.dumps(v) if isinstance(v, dict | list) else v}"),
                   highlight=False)
 
 
@@ -378,7 +429,7 @@ def _change(action: Callable[[Registry, str, dict[str, str]], Any], partition: l
     if as_json:
         _print_json(mv.to_dict())
     else:
-        out.print(f"{json.dumps(mv.partition)}: champion is now version {mv.version}", highlight=False)
+        _out().print(f"{json.dumps(mv.partition)}: champion is now version {mv.version}", highlight=False)
 
 
 @models_app.command("gc")
@@ -397,7 +448,7 @@ def models_gc(keep: Annotated[int, typer.Option("--keep", help="Versions to keep
         _print_json(report.to_dict())
         return
     verb = "would remove" if dry_run else "removed"
-    out.print(f"{report.job}: {verb} {report.removed} versions and {report.orphan_files_removed} orphaned "
+    _out().print(f"{report.job}: {verb} {report.removed} versions and {report.orphan_files_removed} orphaned "
               f"model files ({report.bytes_freed} bytes); {report.kept} versions kept", highlight=False)
 
 
@@ -411,10 +462,41 @@ def demo(
     from manymodels.demo import run_demo
 
     with _errors():
-        code = run_demo(stations=stations, days=days, address=address, console=out)
+        code = run_demo(stations=stations, days=days, address=address, console=_out())
     raise typer.Exit(code)
 
 
 def main() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point: run the command, then leave without tearing the interpreter down."""
+    try:
+        app()
+    except SystemExit as exc:
+        _exit_now(exc.code)
+    _exit_now(0)
+
+
+def _exit_now(code: object) -> NoReturn:
+    """Exit with ``code`` (as ``SystemExit(code)`` would) once the command has finished.
+
+    A normal exit then frees every object of pandas, pyarrow, LightGBM and Ray's core worker one by
+    one: 0.3 to 0.8 s after a run, longer than anything the run itself still does. Nothing of ours
+    needs that teardown: the run's files are written and closed, Ray's processes have exited
+    (``Engine`` shuts them down before the command returns), and the exit handlers that a normal
+    exit runs (logging, temporary files, Ray's own) are run here first. Skipping the teardown also
+    means no library's native thread can abort the process during it. With another thread still
+    running (none of ours is), the normal exit waits for it, so it is taken instead.
+    """
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # SystemExit("message"): printed, exit 1
+        print(code, file=sys.stderr)
+        status = 1
+    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        sys.exit(status)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # a closed pipe (`manymodels ... | head`) or stream
+            stream.flush()
+    os._exit(status)

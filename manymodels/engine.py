@@ -1,4 +1,5 @@
-"""The Ray fan-out: the only module that imports ``ray``.
+"""The Ray fan-out: the only module that imports ``ray`` (when an engine starts, not with this module:
+a command that stops at bad input never pays for it).
 
 An :class:`Engine` connects to Ray (a new embedded local instance by default, never a stray one; or
 a cluster by address), runs one plain Python function over many chunk payloads as Ray tasks with
@@ -14,12 +15,14 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
-
-import ray
+from typing import Any, TypeVar
 
 __all__ = ["NOT_SUBMITTED", "Engine", "EngineError", "TaskResources", "pack_chunks"]
+
+T = TypeVar("T")
 
 
 class EngineError(RuntimeError):
@@ -115,9 +118,31 @@ def _shortfall(res: TaskResources, totals: dict[str, float]) -> str:
 
 
 def _call(fn: Callable[..., Any], payload: Any, shared: Any) -> tuple[Any, str, float]:
+    import ray
+
     started = time.perf_counter()
     result = fn(payload, shared)
     return result, ray.get_runtime_context().get_node_id(), time.perf_counter() - started
+
+
+def _kill_monitor() -> None:
+    """End the embedded Ray's autoscaler monitor at once, just before ``ray.shutdown()``.
+
+    ``ray.shutdown()`` stops the raylet and the GCS first, then sends the monitor SIGTERM; its handler
+    then tries to report to the GCS that is already gone, and after a second Ray kills it with SIGKILL
+    (every time: a third to two thirds of the whole shutdown). A local instance has no autoscaler
+    state to save, so that same SIGKILL is sent first, and the shutdown does not wait. Reaches into
+    Ray's private node object; if that is not there (another Ray version), Ray's own path is taken.
+    """
+    try:
+        from ray._private import ray_constants, worker
+
+        processes = worker._global_node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])
+    except (ImportError, AttributeError):
+        return
+    for info in processes:
+        with suppress(OSError):
+            info.process.kill()
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -155,6 +180,8 @@ class Engine:
         self._started = False
 
     def __enter__(self) -> Engine:
+        import ray
+
         if ray.is_initialized():
             return self  # a caller (a notebook, a test session) owns this Ray instance
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -178,9 +205,53 @@ class Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        import ray
+
         if self._started:
+            if not self.address:
+                _kill_monitor()
             ray.shutdown()
             self._started = False
+
+    @contextmanager
+    def started(self, beside: Callable[[], T]) -> Iterator[T]:
+        """Start (or join) Ray while ``beside()`` runs in another thread; yield what it returned.
+
+        An embedded Ray takes seconds to start, most of them waiting for its processes; the driver's
+        reading and planning (``beside``: pyarrow and file I/O, mostly without the GIL) fits in that
+        wait instead of coming before it. ``ray.init`` itself stays in this (the main) thread: Ray
+        sets signal handlers there, and the processes it starts are tied to the thread that started
+        them. If Ray is up before ``beside`` is done (a big plan), workers start importing LightGBM
+        meanwhile (:meth:`warm_up`).
+
+        If ``beside`` raises, Ray is stopped again and its error raised: the run has not begun. If
+        Ray cannot start, ``beside`` is still waited for (a data scan must not outlive the call),
+        and its own error, if any, wins: bad input is the more useful message. Ray is stopped when
+        the block ends.
+        """
+        # Imported before the plan's thread starts: imports racing in two threads can deadlock.
+        import ray  # noqa: F401
+
+        with ThreadPoolExecutor(1, thread_name_prefix="manymodels-plan") as pool:
+            future = pool.submit(beside)
+            try:
+                self.__enter__()
+            except BaseException:
+                failed = future.exception()  # waits for it
+                if failed is not None:
+                    raise failed from None
+                raise
+            try:
+                if not future.done():
+                    self.warm_up(int(self.resources().get("CPU", 1)))
+                result = future.result()
+            except BaseException:
+                self.__exit__()
+                raise
+        try:
+            yield result
+        finally:
+            self.__exit__()
 
     @property
     def embedded(self) -> bool:
@@ -189,14 +260,20 @@ class Engine:
 
     def resources(self) -> dict[str, float]:
         """The cluster's total resources (``CPU``, ``GPU``, ``memory``, ...)."""
+        import ray
+
         return {k: float(v) for k, v in ray.cluster_resources().items()}
 
     def nodes(self) -> int:
         """How many live nodes the cluster has."""
+        import ray
+
         return sum(1 for n in ray.nodes() if n.get("Alive"))
 
     def warm_up(self, workers: int) -> None:
         """Start ``workers`` worker processes importing LightGBM now, without waiting for them."""
+        import ray
+
         remote = ray.remote(num_cpus=1)(_warm)
         self._warm_refs = [remote.remote() for _ in range(max(0, workers))]
 
@@ -221,6 +298,8 @@ class Engine:
             back; and ``None`` every ``wait_s`` seconds while nothing finished (so callers can
             refresh progress).
         """
+        import ray
+
         shared_ref = ray.put(shared)
         remote = ray.remote(_call)
         totals = ray.cluster_resources()

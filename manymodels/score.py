@@ -48,7 +48,6 @@ from manymodels.data import (
 from manymodels.engine import NOT_SUBMITTED, Engine, TaskResources
 from manymodels.fallback import global_spec
 from manymodels.pipeline import PartitionError, load_prepare, predict_partition
-from manymodels.progress import RunProgress
 from manymodels.registry import Registry, encode_partition, partition_id
 from manymodels.runinfo import environment, new_run_id, utc_now
 from manymodels.spec import JobSpec, SpecError
@@ -488,6 +487,10 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         SpecError, InputError, StorageError: bad spec, data or output, before anything is written.
     """
     started = time.perf_counter()
+    # Here, not with the module: Ray workers import this module for its chunk function, and the
+    # progress bar's Rich would only slow their first task.
+    from manymodels.progress import RunProgress
+
     spec = resolve_spec(spec, {"data": data, "partition_by": partition_by, "target": target,
                                "registry": registry, "output": output})
     if model_version is not None and train_run:
@@ -503,54 +506,63 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
                          spec.data.partition_by)
     d = spec.data
     check_columns(source, {"partition_by": d.partition_by, "score.passthrough": spec.score.passthrough})
-    plan = plan_partitions(source, d.partition_by, parse_only(only, d.partition_by))
-    if not plan.partitions:
-        raise InputError("no partition matches --only" if only else f"{source.url!r} has no partitions")
+    wanted = parse_only(only, d.partition_by)
     reg = Registry(spec.output.registry)
     if run_id is not None:
         _check_rerun(reg, spec.name, run_id)
     if not reg.has_index(spec.name):  # pinned or not: nothing can score
         raise InputError(f"the registry {reg.url} has no models of job {spec.name!r}: train it first")
-    refs = _model_refs(reg, spec, plan.keys, plan.partitions, model_version, train_run,
-                       [source.schema.field(k).type for k in plan.keys], source.url)
     scores = Store(spec.output.scores)
-    reg.store.check_writable()
-    scores.check_writable()
+
+    def plan_run() -> tuple[Plan, list[ScorePartition], dict[str, ModelRef | str]]:
+        """Every partition's key, rows and model, read while Ray starts (Engine.started)."""
+        plan = plan_partitions(source, d.partition_by, wanted)
+        if not plan.partitions:
+            raise InputError("no partition matches --only" if only else f"{source.url!r} has no partitions")
+        refs = _model_refs(reg, spec, plan.keys, plan.partitions, model_version, train_run,
+                           [source.schema.field(k).type for k in plan.keys], source.url)
+        # After the plan and the model look-up: a run they stop leaves no scores folder.
+        reg.store.check_writable()
+        scores.check_writable()
+        planned = []
+        for p in plan.partitions:
+            ref = refs[partition_id(plan.keys, p.key)]
+            planned.append(ScorePartition(key=p.key, partition=encode_partition(plan.keys, p.key),
+                                          rows=p.rows, model=ref if isinstance(ref, ModelRef) else None,
+                                          reason=ref if isinstance(ref, str) else "", files=p.files))
+        return plan, planned, refs
 
     run_id = run_id or new_run_id("score")
-    keys = plan.keys
-    keep = [*keys, *[c for c in spec.score.passthrough if c not in keys]]
-    if d.time_column and d.time_column in source.schema.names and d.time_column not in keep:
-        keep.append(d.time_column)
-    planned = []
-    for p in plan.partitions:
-        ref = refs[partition_id(keys, p.key)]
-        planned.append(ScorePartition(key=p.key, partition=encode_partition(keys, p.key), rows=p.rows,
-                                      model=ref if isinstance(ref, ModelRef) else None,
-                                      reason=ref if isinstance(ref, str) else "", files=p.files))
     delta = spec.output.format == "delta"
     final_url = scores.uri(spec.name if delta else f"{spec.name}/score_run_id={run_id}")
     # Delta: staged inside the table (invisible until committed), in a folder of this attempt alone,
     # so a re-run never overwrites the files the current version of the run is read from.
     staging_url = scores.uri(f"{spec.name}/{DELTA_PARTITION}={run_id}/attempt-{uuid.uuid4().hex}" if delta
                              else f".staging/{spec.name}/{run_id}-{os.getpid()}")
-    record: dict[str, Any] = {
-        "run_id": run_id, "job": spec.name, "kind": "score", "status": "running",
-        "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
-        "data": source.url, "output": scores.uri(spec.name), "registry": reg.url,
-        "environment": environment(), "model_version": model_version, "train_run": train_run,
-        "driver": process_identity()}
-    fallback = next((r for r in refs.values() if isinstance(r, ModelRef) and r.version == 0), None)
-    if fallback is not None:  # rows scored by it say model_version 0: the record names its version
-        record["global_model"] = {"version": fallback.global_version, "run_id": fallback.run_id}
-    ctx = ScoreContext(spec=spec, source=source, keys=keys, columns=None, keep=tuple(keep),
-                       registry_url=reg.url, staging_url=staging_url, run_id=run_id,
-                       scored_at=utc_now())
     address = address or os.environ.get("RAY_ADDRESS") or None
     outcomes: list[ScoreOutcome] = []
     nodes: set[str] = set()
     reserved_cpu_s = reserved_gpu_s = 0.0
-    with Engine(address, num_cpus=num_cpus) as engine:
+    engine = Engine(address, num_cpus=num_cpus)
+    # Errors above (spec, prepare, data schema, registry) come before Ray starts; planning and model
+    # look-up errors stop it again. Either way, nothing is written (exit 2 in the CLI).
+    with engine.started(beside=plan_run) as (plan, planned, refs):
+        keys = plan.keys
+        keep = [*keys, *[c for c in spec.score.passthrough if c not in keys]]
+        if d.time_column and d.time_column in source.schema.names and d.time_column not in keep:
+            keep.append(d.time_column)
+        record: dict[str, Any] = {
+            "run_id": run_id, "job": spec.name, "kind": "score", "status": "running",
+            "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
+            "data": source.url, "output": scores.uri(spec.name), "registry": reg.url,
+            "environment": environment(), "model_version": model_version, "train_run": train_run,
+            "driver": process_identity()}
+        fallback = next((r for r in refs.values() if isinstance(r, ModelRef) and r.version == 0), None)
+        if fallback is not None:  # rows scored by it say model_version 0: the record names its version
+            record["global_model"] = {"version": fallback.global_version, "run_id": fallback.run_id}
+        ctx = ScoreContext(spec=spec, source=source, keys=keys, columns=None, keep=tuple(keep),
+                           registry_url=reg.url, staging_url=staging_url, run_id=run_id,
+                           scored_at=utc_now())
         # Only once Ray is up: a Ray that cannot be started or joined leaves no "running" record.
         reg.write_run(spec.name, run_id, record)
         cluster = engine.resources()
@@ -559,7 +571,6 @@ def score(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         tasks = [ScoreTask(chunk=n, partitions=tuple(planned[i] for i in idx), files=files, resources=res)
                  for n, (res, idx, files) in enumerate(pack_plan(plan, spec, slots, min_rows=20_000,
                                                                  max_rows=1_000_000))]
-        engine.warm_up(min(int(slots), len(tasks)))
         gate = budget_gate(spec, engine.embedded, cluster, started, outcomes, len(planned))
 
         with RunProgress(f"score {spec.name}", len(planned), progress) as bar:

@@ -44,7 +44,6 @@ from manymodels.data import (
 )
 from manymodels.engine import NOT_SUBMITTED, Engine, TaskResources, pack_chunks
 from manymodels.pipeline import PartitionError, check_device, load_prepare, resolve_device, train_partition
-from manymodels.progress import RunProgress
 from manymodels.registry import GLOBAL_PID, NewVersion, Registry, encode_partition, partition_id
 from manymodels.runinfo import environment, new_run_id, peak_rss_mb, utc_now
 from manymodels.spec import JobSpec, SpecError, load_spec, spec_hash
@@ -390,6 +389,10 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
         SpecError, InputError, StorageError: bad spec, data or registry, before anything is written.
     """
     started = time.perf_counter()
+    # Here, not with the module: Ray workers import this module for its chunk function, and the
+    # progress bar's Rich would only slow their first task.
+    from manymodels.progress import RunProgress
+
     spec = resolve_spec(spec, {"data": data, "partition_by": partition_by, "target": target,
                                "registry": registry})
     if limit is not None and limit < 1:
@@ -398,48 +401,55 @@ def train(spec: JobSpec | str | Path | None = None, *, data: str | None = None,
     source = open_source(spec.data.source, spec.data.format, spec.data.key_types,
                          spec.data.partition_by)
     _check_inputs(spec, source)
-    plan = plan_partitions(source, spec.data.partition_by, parse_only(only, spec.data.partition_by))
-    if limit is not None:
-        plan = dataclasses.replace(plan, partitions=plan.partitions[:limit])
-    if not plan.partitions:
-        raise InputError("no partition matches --only" if only else f"{source.url!r} has no partitions")
+    keep = parse_only(only, spec.data.partition_by)
     force_cpu, device_note = _check_devices(spec)
     reg = Registry(spec.output.registry)
-    reg.store.check_writable()
+    job, shash = spec.name, spec_hash(spec)
 
-    job, keys, shash = spec.name, plan.keys, spec_hash(spec)
+    def plan_run() -> tuple[Plan, list[PlannedPartition]]:
+        """Every partition's key, rows and registry state, read while Ray starts (Engine.started)."""
+        plan = plan_partitions(source, spec.data.partition_by, keep)
+        if limit is not None:
+            plan = dataclasses.replace(plan, partitions=plan.partitions[:limit])
+        if not plan.partitions:
+            raise InputError("no partition matches --only" if only else f"{source.url!r} has no partitions")
+        reg.store.check_writable()  # after the plan: a run stopped by its plan leaves no registry folder
+        state = reg.state(job)
+        planned = []
+        for p, rkey in zip(plan.partitions, _registry_keys(job, source, plan, state), strict=True):
+            pid = partition_id(plan.keys, rkey)
+            st = state.get(pid)
+            champ, latest = (st["champion"], st["latest"]) if st else (None, None)
+            planned.append(PlannedPartition(
+                key=p.key, pid=pid, partition=encode_partition(plan.keys, rkey), rows=p.rows,
+                champion_key=champ["model_key"] if champ else None,
+                latest_fingerprint=latest["fingerprint"] if latest else None,
+                latest_spec_hash=latest["spec_hash"] if latest else None, files=p.files,
+                champion_features=_feature_list(champ["features"]) if champ else None))
+        return plan, planned
+
     run_id = new_run_id("train")
-    state = reg.state(job)
-    planned = []
-    for p, rkey in zip(plan.partitions, _registry_keys(job, source, plan, state), strict=True):
-        pid = partition_id(keys, rkey)
-        st = state.get(pid)
-        champ, latest = (st["champion"], st["latest"]) if st else (None, None)
-        planned.append(PlannedPartition(
-            key=p.key, pid=pid, partition=encode_partition(keys, rkey), rows=p.rows,
-            champion_key=champ["model_key"] if champ else None,
-            latest_fingerprint=latest["fingerprint"] if latest else None,
-            latest_spec_hash=latest["spec_hash"] if latest else None, files=p.files,
-            champion_features=_feature_list(champ["features"]) if champ else None))
-    record: dict[str, Any] = {
-        "run_id": run_id, "job": job, "kind": "train", "status": "running",
-        "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
-        "spec_hash": shash, "data": source.url, "registry": reg.url, "environment": environment(),
-        "partitions": {"total": len(planned)}, "device": device_note, "driver": process_identity()}
-
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ctx = TrainContext(spec=spec, source=source, keys=keys, registry_url=reg.url, run_id=run_id,
-                       spec_hash=shash, force=force, force_cpu=force_cpu)
     outcomes: list[PartitionOutcome] = []
     versions: dict[str, int] = {}
     nodes: set[str] = set()
     reserved_cpu_s = reserved_gpu_s = 0.0
-    with Engine(address, num_cpus=num_cpus) as engine:
+    engine = Engine(address, num_cpus=num_cpus)
+    # Errors above (spec, prepare, data schema) come before Ray starts; planning and registry errors
+    # stop it again. Either way, nothing is written and the error is one line (exit 2 in the CLI).
+    with engine.started(beside=plan_run) as (plan, planned):
+        keys = plan.keys
+        record: dict[str, Any] = {
+            "run_id": run_id, "job": job, "kind": "train", "status": "running",
+            "started_at": utc_now().isoformat(), "spec": spec.to_dict(), "spec_path": spec.path,
+            "spec_hash": shash, "data": source.url, "registry": reg.url, "environment": environment(),
+            "partitions": {"total": len(planned)}, "device": device_note, "driver": process_identity()}
+        ctx = TrainContext(spec=spec, source=source, keys=keys, registry_url=reg.url, run_id=run_id,
+                           spec_hash=shash, force=force, force_cpu=force_cpu)
         # Only once Ray is up: a Ray that cannot be started or joined leaves no "running" record.
         reg.write_run(job, run_id, record)
         cluster = engine.resources()
         slots = max(1, int(cluster.get("CPU", 1)))
-        engine.warm_up(min(slots, len(planned)))
         tasks = plan_tasks(plan, spec, planned, slots)
         gpus = cluster.get("GPU", 0.0)
         if force_cpu and any(t.resources.num_gpus > gpus for t in tasks):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,91 @@ def test_unreachable_ray_address_exits_2_and_leaves_no_run_record(transit_dir: P
         assert err.startswith("error:") and "\n" not in err and "127.0.0.1:1" in err, err
         assert [r["run_id"] for r in registry.runs(JOB)] == [before["run_id"]], command
     assert not (tmp_path / "scores" / JOB).exists()
+
+
+HEAVY = ("ray", "lightgbm", "pandas", "pyarrow", "numpy", "rich")
+
+
+def _python(code: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_help_imports_no_heavy_library(clean_env: dict[str, str]) -> None:
+    """`import manymodels`, the CLI module and `manymodels --help` load neither Ray, LightGBM, pandas,
+    pyarrow nor Rich (each costs a noticeable part of a second)."""
+    code = ("import json, sys\nimport manymodels, manymodels.cli\n"
+            f"heavy = {HEAVY!r}\n"
+            "imported = [m for m in heavy if m in sys.modules]\n"
+            "try:\n    manymodels.cli.app(['--help'])\nexcept SystemExit as exc:\n    code = exc.code\n"
+            "print('RESULT ' + json.dumps([imported, code, [m for m in heavy if m in sys.modules]]))")
+    proc = _python(code, clean_env)
+    assert proc.returncode == 0, proc.stderr
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert json.loads(line.removeprefix("RESULT ")) == [[], 0, []]
+    assert "Usage: " in proc.stdout and "Train and batch-score" in proc.stdout
+
+    proc = subprocess.run([str(CONSOLE_SCRIPT), "--help"], env=clean_env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0 and "Usage: manymodels" in proc.stdout, proc.stderr
+
+
+def test_package_names_load_on_first_use(clean_env: dict[str, str]) -> None:
+    """The package's names are imported lazily, and `manymodels.train` / `manymodels.score` stay the
+    functions even when their modules were imported first (as a Ray worker does, without Rich)."""
+    code = ("import sys\nimport manymodels.train, manymodels.score\nimport manymodels\n"
+            "assert 'rich' not in sys.modules  # a worker's first task does not wait for the progress bar\n"
+            "from manymodels import Registry, RunSummary, InputError, load_spec\n"
+            "assert manymodels.train.__module__ == 'manymodels.train' and callable(manymodels.train)\n"
+            "assert manymodels.score.__module__ == 'manymodels.score' and callable(manymodels.score)\n"
+            "assert sys.modules['manymodels.train'].train is manymodels.train\n"
+            "assert set(manymodels.__all__) <= set(dir(manymodels))\n"
+            "try:\n    manymodels.nope\nexcept AttributeError as exc:\n    print(exc)\n")
+    proc = _python(code, clean_env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "module 'manymodels' has no attribute 'nope'"
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from manymodels.cli import _exit_now
+atexit.register(lambda: print("exit handler ran"))
+if sys.argv[1] == "thread":  # a thread still running: the normal exit, which waits for it
+    def work():
+        time.sleep(0.3)
+        print("thread finished", flush=True)
+    threading.Thread(target=work).start()
+    _exit_now(3)
+_exit_now("a message")  # as SystemExit("a message"): printed on stderr, exit 1
+"""
+
+
+def test_exit_now_keeps_exit_codes_handlers_and_running_threads(clean_env: dict[str, str]) -> None:
+    """The CLI's way out runs the exit handlers, flushes, exits with SystemExit's code, and waits
+    for a thread that is still running (through the normal exit)."""
+    proc = _python(EXIT_SCRIPT, clean_env, "thread")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.splitlines() == ["thread finished", "exit handler ran"]
+    proc = _python(EXIT_SCRIPT, clean_env, "message")
+    assert proc.returncode == 1
+    assert proc.stdout == "exit handler ran\n" and proc.stderr == "a message\n"
+
+
+def test_bad_input_through_the_entry_point_exits_2_before_ray(tmp_path: Path,
+                                                              clean_env: dict[str, str]) -> None:
+    """Through the real entry point (main, with its quick exit): a bad spec and a missing data
+    source are one line on stderr, exit 2, before Ray is even imported, and nothing is written."""
+    code = ("import sys\nfrom manymodels.cli import main\nimport atexit\n"
+            "atexit.register(lambda: print('ray imported' if 'ray' in sys.modules else 'no ray'))\n"
+            "sys.argv[0] = 'manymodels'\nmain()")
+    for args in (["train", "--job", str(tmp_path / "nope.toml")],
+                 ["train", "--data", str(tmp_path / "nowhere"), "--partition-by", "station", "--target", "y",
+                  "--registry", str(tmp_path / "registry")],
+                 ["score", "--data", str(tmp_path / "nowhere"), "--partition-by", "station", "--target", "y",
+                  "--registry", str(tmp_path / "registry")]):
+        proc = _python(code, clean_env, *args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == "no ray\n"
+        err = proc.stderr.strip()
+        assert err.startswith("error:") and "\n" not in err, err
+    assert list(tmp_path.iterdir()) == []

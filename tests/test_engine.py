@@ -1,6 +1,11 @@
-"""Tests of the Ray fan-out (manymodels.engine): the pure chunk packer, and Engine.map on local Ray."""
+"""Tests of the Ray fan-out (manymodels.engine): the pure chunk packer, Engine.map on local Ray, and
+Engine.started (Ray's start beside the driver's planning, and its stop)."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -90,3 +95,65 @@ def test_map_streams_results_and_errors() -> None:
     assert results[0] == "a=1,b=2" and results[2] == "x=1,y=2" and results[3] == "p=1,q=2"
     assert isinstance(results[1], ray.exceptions.RayError)
     assert isinstance(results[1], ValueError)
+
+
+# Engine.started checks Ray's own start and stop, so it runs in a fresh interpreter (the session's
+# Ray, once up, would be reused instead). Children still alive after the block would be Ray processes.
+STARTED_SCRIPT = """
+import json, sys, threading, time
+import psutil, ray
+from manymodels.engine import Engine, EngineError
+
+out = {}
+def plan():
+    out["plan_in_other_thread"] = threading.current_thread() is not threading.main_thread()
+    time.sleep(0.3)
+    out["planned"] = out.get("planned", 0) + 1
+    return 42
+def bad_plan():
+    time.sleep(0.1)
+    raise ValueError("no partition matches --only")
+
+# Ray cannot be joined: the plan still ends before the error comes out (no scan outlives the
+# call), and a plan error wins over Ray's (it is about the user's input).
+for beside in (plan, bad_plan):
+    try:
+        with Engine("127.0.0.1:1").started(beside=beside):
+            out["entered_unreachable"] = True
+    except (EngineError, ValueError) as exc:
+        out.setdefault("unreachable", []).append([type(exc).__name__, out.get("planned", 0)])
+def alive_children():
+    return [p.pid for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+with Engine(num_cpus=1).started(beside=plan) as got:
+    out["got"] = got
+    out["up"] = ray.is_initialized() and bool(alive_children())
+out["down"] = not ray.is_initialized() and not alive_children()
+try:
+    with Engine(num_cpus=1).started(beside=bad_plan):
+        out["entered"] = True
+except ValueError as exc:
+    out["error"] = str(exc)
+out["down_after_error"] = not ray.is_initialized() and not alive_children()
+out["threads"] = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.ray
+def test_started_plans_beside_ray_start_and_stops_ray_after_success_and_plan_error(
+        clean_env: dict[str, str]) -> None:
+    """The plan runs in another thread while Ray starts; its result comes out with Ray up; Ray and
+    every process it started are gone after the block, and after a plan error (which is raised as is,
+    with nothing yielded), and no planning thread is left behind. When Ray cannot be joined, the plan
+    is waited for, and its own error wins."""
+    proc = subprocess.run([sys.executable, "-c", STARTED_SCRIPT], env=clean_env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    out = json.loads(line.removeprefix("RESULT "))
+    assert out == {"unreachable": [["EngineError", 1], ["ValueError", 1]], "plan_in_other_thread": True,
+                   "planned": 2, "got": 42, "up": True, "down": True, "error": "no partition matches --only",
+                   "down_after_error": True, "threads": []}
+
