@@ -63,6 +63,7 @@ from manymodels.train import (
     resolve_spec,
     time_limit,
 )
+from manymodels.trees import COMPACT_SUFFIX, load_compact
 
 __all__ = ["ScoreSummary", "score", "score_chunk"]
 
@@ -175,12 +176,35 @@ def _out(p: ScorePartition, res: TaskResources, **kw: Any) -> ScoreOutcome:
                         memory_mb=res.memory_mb, **kw)
 
 
-def _load_booster(store: Store, ref: ModelRef, cache: dict[str, Any]) -> Any:
-    import lightgbm as lgb
+# Up to this many rows a partition is scored by the model's compact form (see manymodels.trees):
+# loading it costs a small fraction of a Booster's text parse, and predicting a few rows costs about
+# the same. Beyond it LightGBM's own predict (threaded, compiled) wins and a Booster is built.
+COMPACT_MAX_ROWS = 1024
 
-    if ref.model_key not in cache:
-        cache[ref.model_key] = lgb.Booster(model_str=store.read_bytes(ref.model_key).decode())
-    return cache[ref.model_key]
+
+def _load_model(store: Store, ref: ModelRef, rows: int, cache: dict[tuple[str, bool], Any]) -> Any:
+    """The model of ``ref``: its compact form (a :class:`~manymodels.trees.Forest`) for a small
+    partition when the version has a valid one, else a ``lightgbm.Booster`` built from the text.
+
+    Both predict the same numbers bit for bit; the text stays the model (a compact form that is not
+    the compact form of that very text is ignored).
+    """
+    small = rows <= COMPACT_MAX_ROWS
+    model = cache.get((ref.model_key, small))
+    if model is not None:
+        return model
+    text = store.read_bytes(ref.model_key)
+    if small:
+        try:
+            model = load_compact(store.read_bytes(ref.model_key + COMPACT_SUFFIX), text)
+        except FileNotFoundError:  # trained before compact forms, or by the global fallback
+            model = None
+    if model is None:
+        import lightgbm as lgb
+
+        model = lgb.Booster(model_str=text.decode())
+    cache[(ref.model_key, small)] = model
+    return model
 
 
 def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
@@ -200,7 +224,7 @@ def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
         reason = f"cannot read partition data: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return [_out(p, res, status="unscored", rows=p.rows, reason=reason) for p in task.partitions]
     registry = Store(ctx.registry_url)
-    boosters: dict[str, Any] = {}
+    models: dict[tuple[str, bool], Any] = {}
     threads = max(1, int(res.num_cpus))
     prediction = np.full(table.num_rows, np.nan)
     version = np.zeros(table.num_rows, dtype=np.int64)
@@ -218,11 +242,10 @@ def score_chunk(task: ScoreTask, ctx: ScoreContext) -> list[ScoreOutcome]:
             out.append(_out(p, res, status="unscored", rows=b - a, reason=p.reason))
             continue
         try:
-            booster = _load_booster(registry, p.model, boosters)
-            part = frame.iloc[a:b].reset_index(drop=True)
-            with time_limit(spec.run.timeout_s):
-                pred = predict_partition(part, global_spec(spec) if p.model.version == 0 else spec,
-                                         booster, prepare=prepare, features=p.model.features,
+            model = _load_model(registry, p.model, b - a, models)
+            with time_limit(spec.run.timeout_s):  # (predict_partition relabels the rows itself)
+                pred = predict_partition(frame.iloc[a:b], global_spec(spec) if p.model.version == 0 else spec,
+                                         model, prepare=prepare, features=p.model.features,
                                          num_threads=threads)
         except (PartitionError, PartitionTimeout, StorageError) as exc:
             out.append(_out(p, res, status="unscored", rows=b - a, reason=str(exc),

@@ -66,7 +66,7 @@ class Forest:
         average: divide the sum by the number of trees (``boosting = "rf"``).
         planes: which planes of the value matrix (see :meth:`_values`) the model uses, in column order.
         column: per split (all trees, tree by tree), the value-matrix column it tests.
-        threshold: per split, its threshold: a row goes right when its value is greater.
+        threshold: per split, its threshold: a row goes left when its value is ``<=`` it.
         mask: per split, every leaf bit but those of its left subtree.
         segment: where each tree with splits starts in the split arrays.
         split_tree: the trees with splits (a one-leaf tree always exits at its only leaf).
@@ -104,13 +104,14 @@ class Forest:
         return len(self.leaf_base)
 
     def _values(self, X: np.ndarray) -> np.ndarray:
-        """The value matrix: per row, each used plane's view of the row, then one ±inf column per
-        categorical split (-inf: the split sends the row left).
+        """The value matrix: per row, each used plane's view of the row, then one column per
+        categorical split (-inf: the split sends the row left, NaN: right).
 
-        Every numerical split becomes ``value <= threshold`` on its plane: LightGBM first treats
+        Every split becomes "left when ``value <= threshold``" on its plane: LightGBM first treats
         values within ±kZeroThreshold as 0 (its dense-row reader drops them), then NaN as 0 unless
         missing values have their own direction, then sends NaN (missing type NaN) or 0 (missing
-        type Zero) to the default side, which ∓inf reproduces (thresholds are finite).
+        type Zero) to the default side: -inf is <= every threshold (left), NaN is <= none (right),
+        even an infinite one (LightGBM writes ``inf`` for a split of NaN from all numbers).
         """
         x = np.where(np.abs(X) <= K_ZERO, 0.0, X)
         nan = np.isnan(x)
@@ -119,9 +120,11 @@ class Forest:
             if plane == _PLANE_NONE:
                 cols.append(np.where(nan, 0.0, x))
             elif plane in (_PLANE_ZERO_LEFT, _PLANE_ZERO_RIGHT):
-                cols.append(np.where(nan | (x == 0.0), -np.inf if plane == _PLANE_ZERO_LEFT else np.inf, x))
+                cols.append(np.where(nan | (x == 0.0), -np.inf if plane == _PLANE_ZERO_LEFT else np.nan, x))
+            elif plane == _PLANE_NAN_LEFT:
+                cols.append(np.where(nan, -np.inf, x))
             else:
-                cols.append(np.where(nan, -np.inf if plane == _PLANE_NAN_LEFT else np.inf, x))
+                cols.append(x)  # NaN: not <= any threshold, so right
         if len(self.cat_feature):
             v = x[:, self.cat_feature]
             # static_cast<int>: truncation; NaN, negatives and values beyond int go right.
@@ -131,7 +134,7 @@ class Forest:
             ok &= word < self.cat_words
             bits = self.cat_bits[self.cat_start + np.minimum(word, self.cat_words - 1)]
             left = ok & (((bits >> (iv & 31)) & 1) == 1)
-            cols.append(np.where(left, -np.inf, np.inf))
+            cols.append(np.where(left, -np.inf, np.nan))
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
 
     def predict_raw(self, X: np.ndarray) -> np.ndarray:
@@ -145,8 +148,8 @@ class Forest:
             return np.zeros(rows)
         exit_leaf = np.zeros((rows, trees), dtype=np.int64)
         if len(self.segment):
-            right = np.take(self._values(X), self.column, axis=1) > self.threshold
-            alive = np.bitwise_and.reduceat(np.where(right, self.mask, _ALL), self.segment, axis=1)
+            left = np.take(self._values(X), self.column, axis=1) <= self.threshold
+            alive = np.bitwise_and.reduceat(np.where(left, _ALL, self.mask), self.segment, axis=1)
             lowest = alive & (~alive + np.uint64(1))  # the leftmost leaf left: the exit leaf
             exit_leaf[:, self.split_tree] = np.frexp(lowest.astype(np.float64))[1] - 1
         leaves = self.leaf_value[exit_leaf + self.leaf_base]
@@ -168,7 +171,9 @@ class Forest:
         if self.transform == "identity":
             return raw
         if self.transform == "sqrt":  # Common::Sign(x) * x * x
-            return ((raw > 0).astype(np.float64) - (raw < 0)) * raw * raw
+            sign: np.ndarray = (raw > 0).astype(np.float64) - (raw < 0)
+            out: np.ndarray = sign * raw * raw
+            return out
         # The C library's exp, as LightGBM's std::exp calls it (numpy's own exp may differ by an ulp).
         if self.transform == "exp":
             return np.array([math.exp(v) for v in raw.tolist()], dtype=np.float64)
@@ -201,7 +206,8 @@ class _Lines:
         """Indices of the lines that start with ``prefix``."""
         p = np.frombuffer(prefix, dtype=np.uint8)
         long = np.flatnonzero(self.end - self.start >= len(p))
-        return long[(self.bytes[self.start[long, None] + np.arange(len(p))] == p).all(axis=1)]
+        hit: np.ndarray = long[(self.bytes[self.start[long, None] + np.arange(len(p))] == p).all(axis=1)]
+        return hit
 
     def content(self, lines: np.ndarray, prefix: bytes) -> np.ndarray | None:
         """The bytes after ``prefix`` of each of ``lines``, each line ending in one space (``None``
@@ -319,7 +325,7 @@ def _parse(data: bytes) -> Forest | None:
         return None
     is_cat = (decision & 1) == 1
     numerical = ~is_cat
-    if not np.isfinite(threshold[numerical]).all():
+    if np.isnan(threshold[numerical]).any():
         return None
     missing = (decision >> 2) & 3
     default_left = (decision & 2) == 2
