@@ -35,9 +35,11 @@ import manymodels
 from manymodels import Registry, RunSummary
 from manymodels.cli import app
 from manymodels.fallback import global_champion
+from manymodels.registry import GLOBAL_PID
 from manymodels.score import ScoreSummary, _exchange, score
 from manymodels.spec import FrozenMap, JobSpec
 from manymodels.synth import make_transit, score_frame, write_transit
+from manymodels.trees import COMPACT_SUFFIX
 
 pytestmark = pytest.mark.ray
 
@@ -184,6 +186,59 @@ def test_predictions_equal_plain_lightgbm(trained: tuple[JobSpec, RunSummary],
         assert np.unique(expected).size > 1  # a real model, not a constant
         checked += len(part)
     assert checked == N * AHEAD
+
+
+def _champion_keys(reg: Registry) -> list[str]:
+    live = reg.live(JOB).to_pylist()
+    return sorted(r["model_key"] for r in live if r["status"] == "champion" and r["pid"] != GLOBAL_PID)
+
+
+def test_compact_models_score_exactly_as_boosters(trained: tuple[JobSpec, RunSummary],
+                                                  main_scores: tuple[Path, ScoreSummary, Any, Any],
+                                                  data: dict[str, Path], tmp_path: Path) -> None:
+    """Training writes each model's compact form beside its text, and scoring with it gives bitwise
+    the predictions of LightGBM's Booster (the path taken once the compact forms are removed); a
+    compact form that is not its own text's (another station's, copied over it) is ignored."""
+    spec, _ = trained
+    out, s, _, _ = main_scores
+    keys = _champion_keys(Registry(spec.output.registry))
+    assert len(keys) == N
+    assert all(Registry(spec.output.registry).store.exists(k + COMPACT_SUFFIX) for k in keys)
+    expected = _run_rows(out, s.run_id).set_index("trip_id")["prediction"]
+
+    for variant in ("removed", "swapped"):
+        registry = tmp_path / variant / "registry"
+        shutil.copytree(spec.output.registry, registry)
+        forests = [registry / (k + COMPACT_SUFFIX) for k in keys]
+        if variant == "removed":
+            for f in forests:
+                f.unlink()
+        else:
+            for a, b in zip(forests, forests[1:] + forests[:1], strict=True):
+                shutil.copyfile(a, str(b) + ".new")
+            for f in forests:
+                os.replace(str(f) + ".new", f)
+        moved = dataclasses.replace(spec, output=dataclasses.replace(spec.output, registry=str(registry)))
+        other = score(moved, data=str(data["next"]), output=str(tmp_path / variant / "scores"))
+        _scored(other, N * AHEAD, N)
+        got = _run_rows(tmp_path / variant / "scores", other.run_id).set_index("trip_id")["prediction"]
+        got = got.loc[expected.index]
+        assert np.array_equal(got.to_numpy().view(np.int64), expected.to_numpy().view(np.int64)), variant
+
+
+def test_gc_removes_a_compact_form_with_its_text(trained: tuple[JobSpec, RunSummary], tmp_path: Path) -> None:
+    spec, _ = trained
+    registry = tmp_path / "registry"
+    shutil.copytree(spec.output.registry, registry)
+    reg = Registry(str(registry))
+    keys = _champion_keys(reg)
+    orphan = keys[0].rsplit("/", 1)[0] + "/20200101T000000Z-train-gone.txt"
+    for key in (orphan, orphan + COMPACT_SUFFIX):
+        reg.store.write_bytes(key, b"x")
+    report = reg.gc(JOB, keep=1)
+    assert report.orphan_files_removed == 2
+    assert not reg.store.exists(orphan) and not reg.store.exists(orphan + COMPACT_SUFFIX)
+    assert all(reg.store.exists(k) and reg.store.exists(k + COMPACT_SUFFIX) for k in keys)
 
 
 # ----------------------------------------------------------------------------- 2. output contract
