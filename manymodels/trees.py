@@ -203,48 +203,44 @@ class _Lines:
         self.start = np.concatenate([[0], ends[:-1] + 1])
 
     def starting(self, prefix: bytes) -> np.ndarray:
-        """Indices of the lines that start with ``prefix``."""
-        p = np.frombuffer(prefix, dtype=np.uint8)
-        long = np.flatnonzero(self.end - self.start >= len(p))
-        hit: np.ndarray = long[(self.bytes[self.start[long, None] + np.arange(len(p))] == p).all(axis=1)]
-        return hit
+        """Indices of the lines that start with ``prefix`` (whose first byte no other line starts with)."""
+        candidates = np.flatnonzero(self.bytes[self.start] == prefix[0]).tolist()
+        found: np.ndarray = np.array([i for i in candidates if self.data.startswith(prefix, self.start[i])],
+                                     dtype=np.int64)
+        return found
 
-    def content(self, lines: np.ndarray, prefix: bytes) -> np.ndarray | None:
-        """The bytes after ``prefix`` of each of ``lines``, each line ending in one space (``None``
-        if a line does not start with ``prefix``)."""
-        if len(lines) == 0:
-            return np.zeros(0, dtype=np.uint8)
-        p = np.frombuffer(prefix, dtype=np.uint8)
-        first = self.start[lines]
-        if (self.end[lines] - first < len(p)).any() or \
-                not (self.bytes[first[:, None] + np.arange(len(p))] == p).all():
+    def content(self, lines: np.ndarray, prefix: bytes) -> bytes | None:
+        """What follows ``prefix`` on each of ``lines``, joined by spaces (``None`` if a line does not
+        start with ``prefix``)."""
+        data, n = self.data, len(prefix)
+        starts, ends = self.start[lines].tolist(), self.end[lines].tolist()
+        if not all(data.startswith(prefix, s) for s in starts):
             return None
-        first = first + len(p)
-        size = self.end[lines] - first + 1  # with the newline
-        at = np.repeat(first - (np.cumsum(size) - size), size) + np.arange(int(size.sum()))
-        out = self.bytes[at]
-        out[np.cumsum(size) - 1] = 32
-        return out
+        return b" ".join([data[s + n:e] for s, e in zip(starts, ends, strict=True)])
 
     def ints(self, lines: np.ndarray, prefix: bytes) -> np.ndarray | None:
         raw = self.content(lines, prefix)
         if raw is None:
             return None
         # Whole numbers in decimal: numpy's C parser reads them exactly.
-        return np.fromstring(raw.tobytes(), dtype=np.int64, sep=" ")
+        return np.fromstring(raw, dtype=np.int64, sep=" ")
 
     def doubles(self, lines: np.ndarray, prefix: bytes) -> np.ndarray | None:
         raw = self.content(lines, prefix)
         if raw is None:
             return None
-        if len(raw) < 2:
+        if not raw:
             return np.zeros(0)
         # Arrow's text-to-double cast is correctly rounded (and far faster than Python's float()).
-        body = raw[:-1].tobytes()
-        text = pa.StringArray.from_buffers(1, pa.py_buffer(np.array([0, len(body)], np.int32).tobytes()),
-                                           pa.py_buffer(body))
-        return np.asarray(pc.cast(pc.split_pattern(text, " ").flatten(), pa.float64()).to_numpy(
-            zero_copy_only=False))
+        # The tokens as one Arrow string array: the text without its spaces, cut where they were.
+        spaces = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == 32)
+        packed = raw.replace(b" ", b"")
+        offsets = np.empty(len(spaces) + 2, dtype=np.int32)
+        offsets[0], offsets[-1] = 0, len(packed)
+        offsets[1:-1] = spaces - np.arange(len(spaces))
+        tokens = pa.StringArray.from_buffers(len(spaces) + 1, pa.py_buffer(offsets.tobytes()),
+                                             pa.py_buffer(packed))
+        return np.asarray(pc.cast(tokens, pa.float64()).to_numpy(zero_copy_only=False))
 
 
 def _header(text: str) -> dict[str, str]:
@@ -369,35 +365,28 @@ def _parse(data: bytes) -> Forest | None:
         column[cat_nodes] = len(used) * num_features + np.arange(len(cat_nodes))
     # Left-to-right leaf positions, level by level from the roots: a node's leaves are the
     # positions [first, first + count); its left child starts where it starts, its right child
-    # after the left child's leaves.
-    count = np.zeros(n_inner, dtype=np.int64)  # leaves under each split
+    # after the left child's leaves. Splits and leaves in one numbering here: leaf l is n_inner + l.
+    kid_left = np.where(left >= 0, left, n_inner + ~left)
+    kid_right = np.where(right >= 0, right, n_inner + ~right)
+    count = np.ones(n_inner + n_leaves, dtype=np.int64)  # leaves under each node
     levels = []
     frontier = inner_base[leaves > 1]
     while len(frontier):
         levels.append(frontier)
-        kids = np.concatenate([left[frontier], right[frontier]])
-        frontier = kids[kids >= 0]
+        kids = np.concatenate([kid_left[frontier], kid_right[frontier]])
+        frontier = kids[kids < n_inner]
         if len(levels) > 64:
             return None
     for level in reversed(levels):
-        count[level] = np.where(left[level] >= 0, count[np.maximum(left[level], 0)], 1) + \
-            np.where(right[level] >= 0, count[np.maximum(right[level], 0)], 1)
-    first = np.zeros(n_inner, dtype=np.int64)
-    position = np.full(n_leaves, -1, dtype=np.int64)
-    mask = np.zeros(n_inner, dtype=np.uint64)
+        count[level] = count[kid_left[level]] + count[kid_right[level]]
+    first = np.zeros(n_inner + n_leaves, dtype=np.int64)
     for level in levels:
-        lcount = np.where(left[level] >= 0, count[np.maximum(left[level], 0)], 1)
-        mask[level] = ~(((np.uint64(1) << lcount.astype(np.uint64)) - np.uint64(1))
-                        << first[level].astype(np.uint64))
-        for kid, start in ((left[level], first[level]), (right[level], first[level] + lcount)):
-            inner_kid = kid >= 0
-            first[kid[inner_kid]] = start[inner_kid]
-            position[~kid[~inner_kid]] = start[~inner_kid]
-    position[leaf_base[leaves == 1]] = 0
-    if (position < 0).any():
-        return None
+        first[kid_left[level]] = first[level]
+        first[kid_right[level]] = first[level] + count[kid_left[level]]
+    lcount = count[kid_left].astype(np.uint64)
+    mask = ~(((np.uint64(1) << lcount) - np.uint64(1)) << first[:n_inner].astype(np.uint64))
     ordered = np.empty(n_leaves)
-    ordered[leaf_base[np.repeat(np.arange(trees), leaves)] + position] = leaf_value
+    ordered[np.repeat(leaf_base, leaves) + first[n_inner:]] = leaf_value  # a one-leaf tree's: first 0
     return Forest(num_features=num_features, names=names, params=_params(data, end),
                   pandas_categorical=_pandas_categorical(data), transform=transform,
                   average="average_output" in head, planes=used, column=column,
