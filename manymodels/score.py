@@ -184,25 +184,25 @@ COMPACT_MAX_ROWS = 1024
 
 def _load_model(store: Store, ref: ModelRef, rows: int, cache: dict[tuple[str, bool], Any]) -> Any:
     """The model of ``ref``: its compact form (a :class:`~manymodels.trees.Forest`) for a small
-    partition when the version has a valid one, else a ``lightgbm.Booster`` built from the text.
+    partition when the version has one, else a ``lightgbm.Booster`` built from the text.
 
-    Both predict the same numbers bit for bit; the text stays the model (a compact form that is not
-    the compact form of that very text is ignored).
+    Both predict the same numbers bit for bit. The compact form is written by the training task right
+    after the text (each atomically, under the run's own key, never rewritten), so it is read
+    without the text; one that is not whole is ignored.
     """
     small = rows <= COMPACT_MAX_ROWS
     model = cache.get((ref.model_key, small))
     if model is not None:
         return model
-    text = store.read_bytes(ref.model_key)
     if small:
         try:
-            model = load_compact(store.read_bytes(ref.model_key + COMPACT_SUFFIX), text)
+            model = load_compact(store.read_bytes(ref.model_key + COMPACT_SUFFIX))
         except FileNotFoundError:  # trained before compact forms, or by the global fallback
             model = None
     if model is None:
         import lightgbm as lgb
 
-        model = lgb.Booster(model_str=text.decode())
+        model = lgb.Booster(model_str=store.read_bytes(ref.model_key).decode())
     cache[(ref.model_key, small)] = model
     return model
 

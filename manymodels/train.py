@@ -275,11 +275,15 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
 
 def _write_compact(store: Store, model_key: str, text: bytes) -> None:
     """Write the model's compact form beside its text (see :func:`manymodels.trees.compact`): scoring
-    then loads the model without parsing the text. Best effort: without it scoring parses the text."""
+    then loads the model without parsing the text. Best effort: without it scoring parses the text;
+    if it cannot be written, an earlier attempt's is removed (it may not match this text)."""
     blob = compact(text)
     if blob is not None:
-        with suppress(StorageError):
+        try:
             store.write_bytes(model_key + COMPACT_SUFFIX, blob, durable=False)
+        except StorageError:
+            with suppress(StorageError):
+                store.delete(model_key + COMPACT_SUFFIX)
 
 
 def parse_only(items: Sequence[str] | None, keys: Sequence[str]) -> Callable[[dict[str, Any]], bool] | None:

@@ -421,8 +421,8 @@ def compact(text: str | bytes) -> bytes | None:
     """The model's :class:`Forest` as bytes (``None`` where the Booster must predict it).
 
     Written beside the model text when a model is trained, so that scoring loads a model with no
-    text parsing at all (:func:`load_compact`). The text stays the model: the compact form records
-    the text's length and CRC-32, and is only used with the very text it was made from.
+    text parsing at all (:func:`load_compact`). The text stays the model: the compact form is derived
+    from it (and records its length and CRC-32, so that it can be checked against it).
     """
     data = text.encode() if isinstance(text, str) else text
     forest = parse_forest(data)
@@ -439,15 +439,16 @@ def compact(text: str | bytes) -> bytes | None:
     return b"".join([_MAGIC, header, *(a.tobytes() for a in arrays)])
 
 
-def load_compact(blob: bytes, text: bytes) -> Forest | None:
-    """The :class:`Forest` stored by :func:`compact`, or ``None`` if ``blob`` is not the compact
-    form of ``text`` (another text, a torn write, another format)."""
+def load_compact(blob: bytes, text: bytes | None = None) -> Forest | None:
+    """The :class:`Forest` stored by :func:`compact`; ``None`` if ``blob`` is not a whole compact
+    form (a torn write, another format), or, given the model ``text``, not the compact form of that
+    text."""
     try:
         if not blob.startswith(_MAGIC):
             return None
         end = blob.index(b"\n", len(_MAGIC))
         head = json.loads(blob[len(_MAGIC):end])
-        if head["size"] != len(text) or head["crc32"] != zlib.crc32(text):
+        if text is not None and (head["size"] != len(text) or head["crc32"] != zlib.crc32(text)):
             return None
         arrays = {}
         at = end + 1

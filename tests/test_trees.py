@@ -169,9 +169,10 @@ def test_compact_form_is_only_used_with_its_own_text() -> None:
     a, b = (_train({}, seed).model_to_string().encode() for seed in (0, 1))
     blob = compact(a)
     assert blob is not None and len(blob) < len(a)
-    assert load_compact(blob, a) is not None
+    assert load_compact(blob, a) is not None and load_compact(blob) is not None
     assert load_compact(blob, b) is None  # another model's text
-    assert load_compact(blob[:-8], a) is None  # torn write
+    assert load_compact(blob[:-8], a) is None and load_compact(blob[:-8]) is None  # torn write
+    assert load_compact(blob + b"\0" * 8) is None
     assert load_compact(b"not a forest", a) is None
 
 
