@@ -17,6 +17,7 @@ Prints a table (wall, rows/s, loop wall / manymodels wall) and writes JSON. Exam
 
     python benchmarks/tiny_score.py                          # 16000x24 and 4000x24
     python benchmarks/tiny_score.py --scenarios 400x24       # a quick check
+    python benchmarks/tiny_score.py --per-partition 1000     # + per-partition cost without Ray
 """
 
 from __future__ import annotations
@@ -142,9 +143,71 @@ def check_identical(loop_file: str, output: str) -> dict[str, int]:
     return {"rows_checked": len(mine), "partitions_checked": int(mine["station"].nunique())}
 
 
+def run_per_partition(data: str, registry: str, n: int, reps: int = 3) -> dict[str, Any]:
+    """One process, no Ray: the loop's body and ``score_chunk`` on the same ``n`` stations, taking
+    turns ``reps`` times (so that a busy machine slows both alike); the best time of each."""
+    import importlib
+
+    import lightgbm as lgb
+    import numpy as np
+    import pandas as pd
+
+    from manymodels.data import open_source, plan_partitions
+    from manymodels.engine import TaskResources
+    from manymodels.registry import Registry, encode_partition, partition_id
+    from manymodels.runinfo import utc_now
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from transit import prepare
+
+    S = importlib.import_module("manymodels.score")
+    spec = _spec(data, registry, "")
+    source = open_source(spec.data.source, spec.data.format, spec.data.key_types, spec.data.partition_by)
+    plan = plan_partitions(source, spec.data.partition_by, None)
+    reg = Registry(registry)
+    refs = S._model_refs(reg, spec, plan.keys, plan.partitions, None, None)
+    parts = [S.ScorePartition(key=p.key, partition=encode_partition(plan.keys, p.key), rows=p.rows,
+                              model=ref, files=p.files)
+             for p in plan.partitions
+             if isinstance(ref := refs[partition_id(plan.keys, p.key)], S.ModelRef)][:n]
+    files = tuple(sorted({f for p in parts for f in p.files}))
+    task = S.ScoreTask(chunk=0, partitions=tuple(parts), files=files, resources=TaskResources())
+    staging = Path(registry).parent / "per-partition-staging"
+    ctx = S.ScoreContext(spec=spec, source=source, keys=plan.keys, columns=None,
+                         keep=("station", "trip_id", "ts"), registry_url=reg.url, staging_url=str(staging),
+                         run_id="per-partition", scored_at=utc_now())
+    champions = {m.partition["station"]: m for m in reg.list(JOB)}
+    wanted = {p.key[0] for p in parts}
+    df = pd.read_parquet(data)
+    df = df[df["station"].isin(wanted)]
+
+    def loop() -> None:
+        for station, rows in df.groupby("station", sort=False):
+            m = champions[str(station)]
+            booster = lgb.Booster(model_str=reg.load_model_text(m))
+            X = prepare(rows)[list(m.features)]
+            for col in X.columns:
+                if not pd.api.types.is_numeric_dtype(X[col]):
+                    X[col] = X[col].astype("category")
+            np.asarray(booster.predict(X, num_threads=1))
+
+    best = {"loop": float("inf"), "score_chunk": float("inf")}
+    for _ in range(reps):
+        for name, fn in (("loop", loop), ("score_chunk", lambda: S.score_chunk(task, ctx))):
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    shutil.rmtree(staging, ignore_errors=True)
+    return {"partitions": len(parts), "loop_ms": best["loop"] / len(parts) * 1e3,
+            "score_chunk_ms": best["score_chunk"] / len(parts) * 1e3,
+            "ratio": best["loop"] / best["score_chunk"]}
+
+
 def child(args: argparse.Namespace) -> None:
     if args.method == "loop":
         result = run_loop(args.data, args.registry, args.predictions)
+    elif args.method == "per-partition":
+        result = run_per_partition(args.data, args.registry, args.per_partition)
     else:
         result = run_manymodels(args.data, args.registry, args.scores)
     from memory import peak_rss_mb  # benchmarks/ is on sys.path
@@ -158,6 +221,8 @@ def main() -> None:
     ap.add_argument("--scenarios", default="16000x24,4000x24", help="PARTITIONSxROWS,...")
     ap.add_argument("--workdir", default=str(HERE / "out"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--per-partition", type=int, default=0, metavar="N",
+                    help="also time the loop's body and score_chunk on N stations (one process, no Ray)")
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--registry", help=argparse.SUPPRESS)
@@ -170,7 +235,8 @@ def main() -> None:
     work = Path(args.workdir)
     scenarios = [tuple(int(x) for x in s.split("x")) for s in args.scenarios.split(",")]
     largest = max(n for n, _ in scenarios)
-    results = []
+    results: list[dict[str, Any]] = []
+    per_partition: list[dict[str, Any]] = []
     for n, rows in scenarios:
         data, registry = setup(work, largest, n, rows)
         scenario = f"{n}x{rows}"
@@ -189,6 +255,14 @@ def main() -> None:
         print(f"  {scenario} identical predictions: {check['partitions_checked']} partitions, "
               f"{check['rows_checked']} rows", flush=True)
         os.remove(predictions)
+        if args.per_partition:
+            _warm(registry)
+            cmd = [sys.executable, __file__, "--method", "per-partition", "--data", data,
+                   "--registry", registry, "--per-partition", str(args.per_partition)]
+            pp = {"scenario": scenario, **run_child(cmd, "per-partition")}
+            per_partition.append(pp)
+            print(f"  {scenario} per partition, one process: loop {pp['loop_ms']:.2f} ms, score_chunk "
+                  f"{pp['score_chunk_ms']:.2f} ms ({pp['ratio']:.2f}x)", flush=True)
     print(f"\n{os.cpu_count()} CPUs, jobs/transit.toml (100 trees, 15 leaves), {TRAIN_HOURS} h of history")
     print("| scenario | method | rows | wall s | rows/s | driver peak MB | loop wall / this wall |")
     print("|---|---|---|---|---|---|---|")
@@ -198,8 +272,8 @@ def main() -> None:
               f"{r['rows_per_s']:,.0f} | {r['driver_peak_mb']:.0f} | {loop['wall_s'] / r['wall_s']:.2f} |")
     out = Path(args.out) if args.out else work / "tiny_score.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpus": os.cpu_count(), "train_hours": TRAIN_HOURS, "results": results},
-                              indent=2))
+    out.write_text(json.dumps({"cpus": os.cpu_count(), "train_hours": TRAIN_HOURS, "results": results,
+                               "per_partition": per_partition}, indent=2))
     print(f"wrote {out}")
 
 
