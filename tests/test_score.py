@@ -224,6 +224,45 @@ def test_compact_models_score_exactly_as_boosters(trained: tuple[JobSpec, RunSum
         assert np.array_equal(got.to_numpy().view(np.int64), expected.to_numpy().view(np.int64)), variant
 
 
+def test_large_partitions_and_multiclass_use_lightgbm(trained: tuple[JobSpec, RunSummary], make_spec: Any,
+                                                      tmp_path: Path) -> None:
+    """Partitions over COMPACT_MAX_ROWS rows, and models manymodels.trees does not reproduce
+    (multiclass), are scored by LightGBM's Booster: the same predictions as plain LightGBM."""
+    from manymodels.score import COMPACT_MAX_ROWS
+
+    spec, _ = trained
+    hours = COMPACT_MAX_ROWS + 50
+    write_transit(score_frame(2, hours, after_hours=HIST), str(tmp_path / "long"))
+    s = score(spec, data=str(tmp_path / "long"), output=str(tmp_path / "scores"))
+    _scored(s, 2 * hours, 2)
+    got = _run_rows(tmp_path / "scores", s.run_id).set_index("trip_id")
+    reg = Registry(spec.output.registry)
+    for station, part in score_frame(2, hours, after_hours=HIST).groupby("station"):
+        mv = reg.get(JOB, {"station": station})
+        expected = _plain_predict(mv.model_uri, mv.features, part)
+        mine = got.loc[part["trip_id"].to_numpy(), "prediction"].to_numpy()
+        assert np.array_equal(mine.view(np.int64), expected.view(np.int64))
+
+    history = make_transit(3, HIST)
+    history["delay_min"] = np.digitize(history["delay_min"], np.quantile(history["delay_min"], [0.33, 0.66]))
+    write_transit(history, str(tmp_path / "classes"))
+    multi = make_spec(tmp_path / "classes", tmp_path / "registry",
+                      model={"objective": "multiclass", "params": {"num_class": 3, "n_estimators": 10}},
+                      validation={"metric": "logloss", "max_metric": None})
+    assert manymodels.train(multi).trained == 3
+    write_transit(score_frame(3, AHEAD, after_hours=HIST), str(tmp_path / "classes-next"))
+    s = score(multi, data=str(tmp_path / "classes-next"), output=str(tmp_path / "multi-scores"))
+    _scored(s, 3 * AHEAD, 3)
+    got = _run_rows(tmp_path / "multi-scores", s.run_id).set_index("trip_id")
+    reg = Registry(multi.output.registry)
+    for station, part in score_frame(3, AHEAD, after_hours=HIST).groupby("station"):
+        mv = reg.get(JOB, {"station": station})
+        expected = _plain_predict(mv.model_uri, mv.features, part)
+        assert expected.ndim == 2 and expected.shape[1] == 3
+        mine = got.loc[part["trip_id"].to_numpy(), "prediction"].to_numpy()
+        assert np.array_equal(mine, expected.argmax(axis=1).astype(np.float64))
+
+
 def test_gc_removes_a_compact_form_with_its_text(trained: tuple[JobSpec, RunSummary], tmp_path: Path) -> None:
     spec, _ = trained
     registry = tmp_path / "registry"
