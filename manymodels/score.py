@@ -176,10 +176,11 @@ def _out(p: ScorePartition, res: TaskResources, **kw: Any) -> ScoreOutcome:
                         memory_mb=res.memory_mb, **kw)
 
 
-# Up to this many rows a partition is scored by the model's compact form (see manymodels.trees):
-# loading it costs a small fraction of a Booster's text parse, and predicting a few rows costs about
-# the same. Beyond it LightGBM's own predict (threaded, compiled) wins and a Booster is built.
-COMPACT_MAX_ROWS = 1024
+# Up to this many rows a partition is scored by manymodels.trees: loading a compact form costs a
+# small fraction of a Booster's text parse, but numpy predicts a row more slowly than LightGBM's
+# compiled (and threaded) predict. Measured with the demo job's models (100 trees, 15 leaves), load
+# and predict together cost the same both ways at about 500 rows.
+COMPACT_MAX_ROWS = 512
 
 
 def _load_model(store: Store, ref: ModelRef, rows: int, cache: dict[tuple[str, bool], Any]) -> Any:
