@@ -6,13 +6,19 @@ of it is never used to predict), then the Python wrapper decodes every parameter
 :class:`Forest` reads only what prediction needs (split features, thresholds, decision types,
 children, leaf values, categorical bitsets), tokenised and converted by Arrow's C++ kernels (its
 text-to-double conversion is correctly rounded, so every number is the double LightGBM wrote), and
-predicts every (tree, row) pair at once with numpy, one step per tree level, following LightGBM's
-decision rule exactly (``Tree::NumericalDecision`` and ``Tree::CategoricalDecision`` in
-LightGBM's ``tree.h``) and adding the trees' outputs in tree order, as LightGBM does.
+predicts all trees for all rows at once with numpy (QuickScorer's bitvectors, see :class:`Forest`),
+following LightGBM's decision rule exactly (``Tree::NumericalDecision`` and
+``Tree::CategoricalDecision`` in LightGBM's ``tree.h``, and its dense-row reader's zero threshold)
+and adding the trees' outputs in tree order, as LightGBM does.
+
+Parsing still costs about half of LightGBM's own parse, so training also writes each model's
+compact form (:func:`compact`: the arrays as bytes) beside its text, and scoring loads that
+(:func:`load_compact`) at a few percent of a Booster's cost.
 
 :func:`parse_forest` returns ``None`` for a model this module does not reproduce bit for bit
 (multiclass, linear trees, objectives whose output transform is not reproduced, a text it does not
-recognise): the caller then uses LightGBM's own Booster, which stays the reference.
+recognise): the caller then uses LightGBM's own Booster, which stays the reference. The tests
+(``tests/test_trees.py``) check every prediction bitwise against ``Booster.predict``.
 """
 
 from __future__ import annotations
@@ -42,9 +48,9 @@ _LINE = {"num_leaves": 1, "num_cat": 2, "split_feature": 3, "threshold": 5, "dec
          "left_child": 7, "right_child": 8, "leaf_value": 9}
 _IDENTITY = {"regression", "regression_l1", "huber", "fair", "quantile", "mape"}
 _EXP = {"poisson", "gamma", "tweedie"}
-# Planes of the value matrix, one per way a numerical split treats NaN and zero (see _planes).
-_BLOCK_ROWS = 512
+_BLOCK_ROWS = 512  # rows predicted at once (the split table is rows × splits)
 _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+# Planes of the value matrix, one per way a numerical split treats NaN and zero (see Forest._values).
 _PLANE_NONE, _PLANE_ZERO_LEFT, _PLANE_ZERO_RIGHT, _PLANE_NAN_LEFT, _PLANE_NAN_RIGHT = range(5)
 
 
@@ -174,7 +180,8 @@ class Forest:
             sign: np.ndarray = (raw > 0).astype(np.float64) - (raw < 0)
             out: np.ndarray = sign * raw * raw
             return out
-        # The C library's exp, as LightGBM's std::exp calls it (numpy's own exp may differ by an ulp).
+        # The C library's exp, as LightGBM's std::exp calls it (numpy's own SIMD exp may differ by an
+        # ulp); tests/test_trees.py checks these objectives bitwise.
         if self.transform == "exp":
             return np.array([math.exp(v) for v in raw.tolist()], dtype=np.float64)
         return np.array([1.0 / (1.0 + math.exp(-v)) for v in raw.tolist()], dtype=np.float64)
@@ -254,10 +261,10 @@ def _header(text: str) -> dict[str, str]:
 def parse_forest(model: str | bytes) -> Forest | None:
     """The model text as a :class:`Forest`, or ``None`` where LightGBM's Booster must predict it.
 
-    ``None`` for: multiclass models, linear trees, objectives other than the regression family,
-    poisson/gamma/tweedie, ``binary`` (sigmoid 1) and ``cross_entropy``, non-finite thresholds,
-    and any text not in the layout LightGBM 4 writes. Never raises for a bad text: ``None`` (the
-    Booster then reports what is wrong with it).
+    ``None`` for: multiclass models, linear trees, trees of more than 64 leaves, objectives other
+    than the regression family, poisson/gamma/tweedie, ``binary`` (sigmoid 1) and ``cross_entropy``,
+    NaN thresholds, and any text not in the layout LightGBM 4 writes. Never raises for a bad text:
+    ``None`` (the Booster then reports what is wrong with it).
     """
     try:
         return _parse(model.encode() if isinstance(model, str) else model)
