@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import importlib.util
 import json
 import os
@@ -190,7 +191,7 @@ def _load_model(store: Store, ref: ModelRef, rows: int, cache: dict[tuple[str, b
 
     All of them predict the same numbers bit for bit. The compact form is written by the training task
     right after the text (each atomically, under the run's own key, never rewritten), so it is read
-    without the text; one that is not whole is ignored.
+    without reading the text (only its existence is checked); one that is not whole is ignored.
     """
     small = rows <= COMPACT_MAX_ROWS
     model = cache.get((ref.model_key, small))
@@ -201,6 +202,8 @@ def _load_model(store: Store, ref: ModelRef, rows: int, cache: dict[tuple[str, b
             model = load_compact(store.read_bytes(ref.model_key + COMPACT_SUFFIX))
         except FileNotFoundError:  # trained before compact forms, or by the global fallback
             model = None
+        if model is not None and not store.exists(ref.model_key):  # the text is the model: no text, no model
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), store.path(ref.model_key))
     if model is None:
         text = store.read_bytes(ref.model_key)
         model = parse_forest(text) if small else None  # about half the cost of LightGBM's own parse
