@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from manymodels.data import row_hashes as hash_rows
 from manymodels.spec import OBJECTIVES_CLASSIFICATION, JobSpec
+from manymodels.trees import Forest
 
 __all__ = [
     "FeatureMatrix",
@@ -193,7 +194,7 @@ def _numeric(series: pd.Series) -> np.ndarray:
         raise PartitionError(f"feature column {name!r} is not numeric: {_one_line(exc)}") from exc
 
 
-def model_categories(booster: lgb.Booster) -> dict[int, list[Any]]:
+def model_categories(booster: lgb.Booster | Forest) -> dict[int, list[Any]]:
     """A trained model's categorical features: feature index → its categories (code order).
 
     Read from the model itself (its ``categorical_feature`` parameter and LightGBM's
@@ -228,7 +229,8 @@ def prepare_features(frame: pd.DataFrame, features: Sequence[str], spec: JobSpec
     Raises:
         PartitionError: a feature is missing, or not numeric where the model needs numbers.
     """
-    missing = [f for f in features if f not in frame.columns]
+    present = set(frame.columns)
+    missing = [f for f in features if f not in present]
     if missing:
         raise PartitionError(f"feature column {missing[0]!r} is missing")
     X = np.empty((len(frame), len(features)), dtype=np.float64)
@@ -241,8 +243,8 @@ def prepare_features(frame: pd.DataFrame, features: Sequence[str], spec: JobSpec
             X[:, j] = _numeric(col)
             continue
         known = None if categories is None else list(categories[j])
-        if (known and all(isinstance(k, str) for k in known) and col.notna().any()
-                and (pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype))):
+        if (known and (pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype))
+                and all(isinstance(k, str) for k in known) and col.notna().any()):
             raise PartitionError(f"feature column {name!r} holds numbers here but was text (categorical) "
                                  "when the model was trained")
         codes, known = _category_codes(col, known)
@@ -704,7 +706,7 @@ def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | 
                        features=tuple(features), comparison=comparison, warnings=warnings)
 
 
-def predict_partition(frame: pd.DataFrame, spec: JobSpec, booster: lgb.Booster, *,
+def predict_partition(frame: pd.DataFrame, spec: JobSpec, booster: lgb.Booster | Forest, *,
                       prepare: PrepareFn | None = None, features: Sequence[str] | None = None,
                       num_threads: int = 1) -> np.ndarray:
     """Predictions of ``booster`` for every row of ``frame``, in ``frame``'s row order.
@@ -720,7 +722,7 @@ def predict_partition(frame: pd.DataFrame, spec: JobSpec, booster: lgb.Booster, 
     Args:
         frame: the partition's rows.
         spec: the job spec.
-        booster: the model.
+        booster: the model (a LightGBM Booster, or the same model as a :class:`Forest`).
         prepare: the compiled prepare function.
         features: the feature columns in model order (from the registry; default: the model's
             feature names, which LightGBM may have altered, e.g. spaces to underscores).

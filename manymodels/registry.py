@@ -49,6 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manymodels.storage import StorageError, Store, parquet_from_bytes, process_gone
+from manymodels.trees import COMPACT_SUFFIX
 
 __all__ = [
     "GLOBAL_PID",
@@ -917,13 +918,16 @@ class Registry:
         removed_keys = pc.unique(removed.column("model_key"))
         kept = history.filter(pc.invert(pc.is_in(_pairs(history, "pid"), value_set=_pairs(removed, "pid"))))
         listed = pa.array(builtins.list(sizes), pa.string())
-        named = pc.is_in(listed, value_set=pc.unique(kept.column("model_key")))
-        of_removed = pc.is_in(listed, value_set=removed_keys)
+        # A model's compact form (its text's key + COMPACT_SUFFIX) goes with its text.
+        texts = pc.replace_substring_regex(listed, pattern=re.escape(COMPACT_SUFFIX) + "$", replacement="")
+        named = pc.is_in(texts, value_set=pc.unique(kept.column("model_key")))
+        of_removed = pc.is_in(texts, value_set=removed_keys)
         orphans = 0
         doomed_files: builtins.list[str] = []
         for key, is_named, is_removed in zip(listed.to_pylist(), named.to_pylist(), of_removed.to_pylist(),
                                              strict=True):
-            if is_named or key.rsplit("/", 1)[-1].removesuffix(".txt") in running:
+            run = key.rsplit("/", 1)[-1].removesuffix(COMPACT_SUFFIX).removesuffix(".txt")
+            if is_named or run in running:
                 continue
             doomed_files.append(key)
             orphans += not is_removed

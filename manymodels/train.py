@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +48,7 @@ from manymodels.registry import GLOBAL_PID, NewVersion, Registry, encode_partiti
 from manymodels.runinfo import environment, new_run_id, peak_rss_mb, utc_now
 from manymodels.spec import JobSpec, SpecError, load_spec, spec_hash
 from manymodels.storage import StorageError, Store, process_identity
+from manymodels.trees import COMPACT_SUFFIX, compact
 
 __all__ = ["PartitionOutcome", "RunSummary", "parse_only", "train", "train_chunk"]
 
@@ -248,7 +249,9 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
             model_key = Registry.model_key(spec.name, p.pid, ctx.run_id)
             # Not fsynced one by one (that costs more than training a small model); see README
             # "Reliability" for what a machine crash can cost.
-            store.write_unpublished(model_key, result.model_str.encode())
+            text = result.model_str.encode()
+            store.write_unpublished(model_key, text)
+            _write_compact(store, model_key, text)
         except (PartitionError, PartitionTimeout, StorageError) as exc:
             out.append(_outcome(p, res, status="failed", reason=str(exc), rows=len(part),
                                 wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0))
@@ -267,6 +270,19 @@ def train_chunk(task: TrainTask, ctx: TrainContext) -> list[PartitionOutcome]:
             cpu_s=time.process_time() - c0, peak_rss_mb=peak_rss_mb(), started_s=s0, device=device,
             comparison=result.comparison, warnings=result.warnings))
     return out
+
+
+def _write_compact(store: Store, model_key: str, text: bytes) -> None:
+    """Write the model's compact form beside its text (see :func:`manymodels.trees.compact`): scoring
+    then loads the model without parsing the text. Best effort: without it scoring parses the text;
+    if it cannot be written, an earlier attempt's is removed (it may not match this text)."""
+    blob = compact(text)
+    if blob is not None:
+        try:
+            store.write_unpublished(model_key + COMPACT_SUFFIX, blob)
+        except StorageError:
+            with suppress(StorageError):
+                store.delete(model_key + COMPACT_SUFFIX)
 
 
 def parse_only(items: Sequence[str] | None, keys: Sequence[str]) -> Callable[[dict[str, Any]], bool] | None:

@@ -35,9 +35,11 @@ import manymodels
 from manymodels import Registry, RunSummary
 from manymodels.cli import app
 from manymodels.fallback import global_champion
+from manymodels.registry import GLOBAL_PID
 from manymodels.score import ScoreSummary, _exchange, score
 from manymodels.spec import FrozenMap, JobSpec
 from manymodels.synth import make_transit, score_frame, write_transit
+from manymodels.trees import COMPACT_SUFFIX
 
 pytestmark = pytest.mark.ray
 
@@ -180,10 +182,100 @@ def test_predictions_equal_plain_lightgbm(trained: tuple[JobSpec, RunSummary],
         mine = got.loc[part["trip_id"].to_numpy()]
         assert (mine["station"] == station).all()
         assert (mine["model_version"] == 1).all() and (mine["model_run_id"] == mv.run_id).all()
-        np.testing.assert_allclose(mine["prediction"].to_numpy(), expected, rtol=0, atol=1e-12)
+        # Bitwise: scoring reads the compact form and predicts with manymodels.trees, not LightGBM.
+        assert np.array_equal(mine["prediction"].to_numpy().view(np.int64), expected.view(np.int64))
         assert np.unique(expected).size > 1  # a real model, not a constant
         checked += len(part)
     assert checked == N * AHEAD
+
+
+def _champion_keys(reg: Registry) -> list[str]:
+    live = reg.live(JOB).to_pylist()
+    return sorted(r["model_key"] for r in live if r["status"] == "champion" and r["pid"] != GLOBAL_PID)
+
+
+def test_compact_models_score_exactly_as_boosters(trained: tuple[JobSpec, RunSummary],
+                                                  main_scores: tuple[Path, ScoreSummary, Any, Any],
+                                                  data: dict[str, Path], tmp_path: Path) -> None:
+    """Training writes each model's compact form beside its text; scoring without them (removed, or
+    not whole: a torn write) parses the texts instead, and every prediction is bitwise the same."""
+    spec, _ = trained
+    out, s, _, _ = main_scores
+    keys = _champion_keys(Registry(spec.output.registry))
+    assert len(keys) == N
+    assert all(Registry(spec.output.registry).store.exists(k + COMPACT_SUFFIX) for k in keys)
+    expected = _run_rows(out, s.run_id).set_index("trip_id")["prediction"]
+
+    for variant in ("removed", "torn"):
+        registry = tmp_path / variant / "registry"
+        shutil.copytree(spec.output.registry, registry)
+        forests = [registry / (k + COMPACT_SUFFIX) for k in keys]
+        if variant == "removed":
+            for f in forests:
+                f.unlink()
+        else:
+            for f in forests:
+                f.write_bytes(f.read_bytes()[:-100])
+        moved = dataclasses.replace(spec, output=dataclasses.replace(spec.output, registry=str(registry)))
+        other = score(moved, data=str(data["next"]), output=str(tmp_path / variant / "scores"))
+        _scored(other, N * AHEAD, N)
+        got = _run_rows(tmp_path / variant / "scores", other.run_id).set_index("trip_id")["prediction"]
+        got = got.loc[expected.index]
+        assert np.array_equal(got.to_numpy().view(np.int64), expected.to_numpy().view(np.int64)), variant
+
+
+def test_large_partitions_and_multiclass_use_lightgbm(trained: tuple[JobSpec, RunSummary], make_spec: Any,
+                                                      tmp_path: Path) -> None:
+    """Partitions over COMPACT_MAX_ROWS rows, and models manymodels.trees does not reproduce
+    (multiclass), are scored by LightGBM's Booster: the same predictions as plain LightGBM."""
+    from manymodels.score import COMPACT_MAX_ROWS
+
+    spec, _ = trained
+    hours = COMPACT_MAX_ROWS + 50
+    write_transit(score_frame(2, hours, after_hours=HIST), str(tmp_path / "long"))
+    s = score(spec, data=str(tmp_path / "long"), output=str(tmp_path / "scores"))
+    _scored(s, 2 * hours, 2)
+    got = _run_rows(tmp_path / "scores", s.run_id).set_index("trip_id")
+    reg = Registry(spec.output.registry)
+    for station, part in score_frame(2, hours, after_hours=HIST).groupby("station"):
+        mv = reg.get(JOB, {"station": station})
+        expected = _plain_predict(mv.model_uri, mv.features, part)
+        mine = got.loc[part["trip_id"].to_numpy(), "prediction"].to_numpy()
+        assert np.array_equal(mine.view(np.int64), expected.view(np.int64))
+
+    history = make_transit(3, HIST)
+    history["delay_min"] = np.digitize(history["delay_min"], np.quantile(history["delay_min"], [0.33, 0.66]))
+    write_transit(history, str(tmp_path / "classes"))
+    multi = make_spec(tmp_path / "classes", tmp_path / "registry",
+                      model={"objective": "multiclass", "params": {"num_class": 3, "n_estimators": 10}},
+                      validation={"metric": "logloss", "max_metric": None})
+    assert manymodels.train(multi).trained == 3
+    write_transit(score_frame(3, AHEAD, after_hours=HIST), str(tmp_path / "classes-next"))
+    s = score(multi, data=str(tmp_path / "classes-next"), output=str(tmp_path / "multi-scores"))
+    _scored(s, 3 * AHEAD, 3)
+    got = _run_rows(tmp_path / "multi-scores", s.run_id).set_index("trip_id")
+    reg = Registry(multi.output.registry)
+    for station, part in score_frame(3, AHEAD, after_hours=HIST).groupby("station"):
+        mv = reg.get(JOB, {"station": station})
+        expected = _plain_predict(mv.model_uri, mv.features, part)
+        assert expected.ndim == 2 and expected.shape[1] == 3
+        mine = got.loc[part["trip_id"].to_numpy(), "prediction"].to_numpy()
+        assert np.array_equal(mine, expected.argmax(axis=1).astype(np.float64))
+
+
+def test_gc_removes_a_compact_form_with_its_text(trained: tuple[JobSpec, RunSummary], tmp_path: Path) -> None:
+    spec, _ = trained
+    registry = tmp_path / "registry"
+    shutil.copytree(spec.output.registry, registry)
+    reg = Registry(str(registry))
+    keys = _champion_keys(reg)
+    orphan = keys[0].rsplit("/", 1)[0] + "/20200101T000000Z-train-gone.txt"
+    for key in (orphan, orphan + COMPACT_SUFFIX):
+        reg.store.write_bytes(key, b"x")
+    report = reg.gc(JOB, keep=1)
+    assert report.orphan_files_removed == 2
+    assert not reg.store.exists(orphan) and not reg.store.exists(orphan + COMPACT_SUFFIX)
+    assert all(reg.store.exists(k) and reg.store.exists(k + COMPACT_SUFFIX) for k in keys)
 
 
 # ----------------------------------------------------------------------------- 2. output contract
