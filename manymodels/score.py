@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import errno
 import importlib.util
 import json
 import os
@@ -188,28 +187,26 @@ def _load_model(store: Store, ref: ModelRef, rows: int, cache: dict[tuple[str, b
     version's compact form if it has one, else parsed from its text; a ``lightgbm.Booster`` for a
     large partition or a model the Forest does not reproduce.
 
-    All of them predict the same numbers bit for bit. The compact form is written by the training task
-    right after the text (each atomically, under the run's own key, never rewritten), so it is read
-    without reading the text (only its existence is checked); one that is not whole is ignored.
+    All of them predict the same numbers bit for bit. A compact form is used only with the very text
+    it was made from (its length and CRC-32 match): a torn, stale or planted file falls back to the
+    text, which stays the model.
     """
     small = rows <= COMPACT_MAX_ROWS
     model = cache.get((ref.model_key, small))
     if model is not None:
         return model
+    text = store.read_bytes(ref.model_key)  # the text is the model: a compact form must be its own
     if small:
         try:
-            model = load_compact(store.read_bytes(ref.model_key + COMPACT_SUFFIX))
+            model = load_compact(store.read_bytes(ref.model_key + COMPACT_SUFFIX), text)
         except FileNotFoundError:  # trained before compact forms, or by the global fallback
             model = None
-        if model is not None and not store.exists(ref.model_key):  # the text is the model: no text, no model
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), store.path(ref.model_key))
-    if model is None:
-        text = store.read_bytes(ref.model_key)
-        model = parse_forest(text) if small else None  # about half the cost of LightGBM's own parse
         if model is None:
-            import lightgbm as lgb
+            model = parse_forest(text)  # about half the cost of LightGBM's own parse
+    if model is None:
+        import lightgbm as lgb
 
-            model = lgb.Booster(model_str=text.decode())
+        model = lgb.Booster(model_str=text.decode())
     cache[(ref.model_key, small)] = model
     return model
 

@@ -196,7 +196,7 @@ def test_console_script_subprocess(transit_dir: Path, tmp_path: Path, clean_env:
     assert not (tmp_path / "scores").exists()
     models = list((registry / transit_dir.name / "models").iterdir())
     assert len(models) == 12
-    model = next(models[0].iterdir())
+    model = next(models[0].glob("*.txt"))  # (beside it: its compact form, *.txt.forest)
     assert np.isfinite(lgb.Booster(model_file=str(model)).num_trees())
 
 
