@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import math
 import os
@@ -325,8 +326,9 @@ def run_manymodels(data: str, registry: str) -> dict[str, Any]:
     phases = _Phases(t0)
     phases.wrap(Engine, "__enter__", "ray_start")
     phases.wrap(Engine, "__exit__", "ray_shutdown")
-    # manymodels.train is also the name of the function the package exports: take the module itself.
-    phases.wrap(sys.modules["manymodels.train"], "plan_partitions", "plan_partitions")
+    # manymodels.train is also the name of the function the package exports (loaded on first use):
+    # take the module itself.
+    phases.wrap(importlib.import_module("manymodels.train"), "plan_partitions", "plan_partitions")
     phases.wrap(Registry, "commit", "index_commits")
     phases.wrap(Registry, "write_run", "run_record")
     phases.wrap(Registry, "compact", "compact")
