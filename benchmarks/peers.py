@@ -73,6 +73,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 from harness import run_child  # noqa: E402
+from memory import peak_rss_mb  # noqa: E402
 
 SPEC = HERE / "peers.toml"
 METHODS = ("serial", "procpool", "ray_batch", "manymodels")
@@ -354,15 +355,6 @@ def run_manymodels(data: str, registry: str) -> dict[str, Any]:
             "partition_work_s": work, "partitions_span_s": span,
             "mean_concurrency": work / span if span else 0.0, "utilisation": summary.cost.utilisation,
             "lgb_params": lgb_params(spec, 1)}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS in MiB (``VmHWM``; not ``ru_maxrss``, which a child inherits)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return math.nan
 
 
 def child(method: str, data: str, registry: str) -> None:

@@ -693,7 +693,7 @@ def train_partition(frame: pd.DataFrame, spec: JobSpec, *, prepare: PrepareFn | 
     metric = compute_metric(spec.metric, y_ho, pred)
     metrics = {spec.metric: metric, "train_rows": float(len(tr)), "holdout_rows": float(len(ho))}
     reason = _gate(metric, spec)
-    comparison, old_metric = ("no champion", None) if champion is None else _judge_champion(
+    comparison, old_metric = _judge_champion(
         champion, champion_features, booster, features, frame.iloc[ho], y_ho, spec, params["num_threads"],
         FeatureMatrix(X=x_ho, names=fm.names, categorical=fm.categorical, categories=fm.categories))
     if old_metric is not None:

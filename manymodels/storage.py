@@ -65,15 +65,11 @@ class Store:
     def _wrap(self, exc: Exception, key: str, verb: str) -> StorageError:
         return StorageError(f"cannot {verb} {self.uri(key)}: {exc}")
 
-    def write_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
+    def write_bytes(self, key: str, data: bytes) -> None:
         """Write a whole object so that readers see either the old content or all of the new.
 
-        Args:
-            key: where.
-            data: the whole content.
-            durable: on a local filesystem, fsync the bytes before the name points at them (registry
-                commits, checkpoints, run records). Model files pass ``False``: one fsync per model
-                costs more than training a small one.
+        On a local filesystem the bytes are fsynced before the name points at them (registry
+        checkpoints, run records). Model files use :meth:`write_unpublished` instead.
         """
         path = self.path(key)
         try:
@@ -82,9 +78,8 @@ class Store:
                 tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
                 with open(tmp, "wb") as f:
                     f.write(data)
-                    if durable:
-                        f.flush()
-                        os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+                    f.flush()
+                    os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
                 os.replace(tmp, path)
             else:
                 self.fs.pipe_file(path, data)
